@@ -39,7 +39,7 @@ def perturb(x: torch.Tensor, sign: torch.Tensor, eps: float, std: Sequence[float
 
 
 def neg_max_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return -torch.softmax(logits.float() / temperature, dim=1).max(dim=1).values
+    return -torch.softmax(logits.double() / temperature, dim=1).max(dim=1).values  # float64: at T=1000 scores differ in the 5th digit
 
 
 @torch.no_grad()

@@ -57,8 +57,11 @@ def extract_split(
 
     def process(batch: dict) -> dict[str, np.ndarray]:
         x = _to_device(batch["image"], device, channels_last)
-        with torch.inference_mode(), _autocast(device, amp):
-            logits, feats = model.logits_and_features(x)
+        with torch.inference_mode():
+            with _autocast(device, amp):
+                feats = model.features(x)
+            feats = feats.float()
+            logits = model.head(feats)  # float32 head: mixed-precision logits would tie MSP scores
         if mask is not None:
             logits = logits.index_select(1, mask)
         return {
@@ -111,7 +114,7 @@ def odin_split(
 
     def process(batch: dict) -> dict[str, np.ndarray]:
         x = batch["image"].to(device)
-        return {"scores": odin_grid_batch(logits_fn, x, temps, eps, std).astype(np.float32)}
+        return {"scores": odin_grid_batch(logits_fn, x, temps, eps, std)}
 
     rows = run_pass(dataset, parts_dir, process, batch_size=batch_size, workers=workers, desc=desc, progress=progress)
     position = {int(i): k for k, i in enumerate(rows["index"])}

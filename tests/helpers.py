@@ -1,0 +1,19 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oodcore.data import BenchmarkData, SplitArrays
+
+
+def make_data(logits_id, logits_ood, features_id=None, features_ood=None, **extra) -> BenchmarkData:
+    logits_id, logits_ood = np.asarray(logits_id, float), np.asarray(logits_ood, float)
+    k = logits_id.shape[1]
+    return BenchmarkData(
+        benchmark="t", arch="a", protocol="p",
+        class_ids=[str(i) for i in range(k)], class_names=[f"c{i}" for i in range(k)],
+        id=SplitArrays(logits_id, features_id, logits_id.argmax(1), np.asarray([f"id/{i}" for i in range(len(logits_id))])),
+        ood=SplitArrays(logits_ood, features_ood, np.full(len(logits_ood), -1), np.asarray([f"ood/{i}" for i in range(len(logits_ood))])),
+        **extra,
+    )
