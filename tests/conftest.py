@@ -12,3 +12,13 @@ def shared_dir():
     if not (SHARED / "imagenet-sample").is_dir():
         pytest.skip("../shared/imagenet-sample is absent")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A demo cache built once per test session (seconds); tests must not modify it."""
+    from oodcore import demo
+
+    root = tmp_path_factory.mktemp("demo-cache")
+    demo.build_demo(root)
+    return root
