@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood-list", default=None, help="text file of OOD paths to exclude (or keep, see --ood-list-mode)")
     p.add_argument("--ood-list-mode", choices=("exclude", "keep"), default="exclude")
     p.add_argument("--weights", default=None, help="local weights file (safetensors or a state dict) instead of a download")
+    p.add_argument("--fit-dir", default=None,
+                   help="images for fitted detectors (e.g. an ImageNet train subset); default: a seeded split of --id-dir")
+    p.add_argument("--fit-fraction", type=float, default=0.2,
+                   help="share of ID images per class held out for fitting when no --fit-dir is given (never evaluated)")
     p.add_argument("--no-amp", action="store_true", help="on CUDA, run in float32 instead of mixed precision")
     _add_cache(p)
     _add_report(p)
@@ -145,6 +149,10 @@ def cmd_run(args) -> int:
     for flag in ("id_dir", "ood_dir"):
         if not Path(getattr(args, flag)).exists():
             raise CliError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    if not 0 < args.fit_fraction < 1:
+        raise CliError(f"--fit-fraction must be between 0 and 1 (got {args.fit_fraction})")
+    if args.fit_dir and not Path(args.fit_dir).is_dir():
+        raise CliError(f"--fit-dir {args.fit_dir} is not a folder")
     if args.ood_list and not Path(args.ood_list).is_file():
         raise CliError(f"--ood-list {args.ood_list} is not a file")
     if args.device == "cuda":
@@ -155,7 +163,7 @@ def cmd_run(args) -> int:
     opts = RunOptions(arch=args.arch, id_dir=args.id_dir, ood_dir=args.ood_dir, protocol=args.protocol, name=args.name,
                       device=args.device, batch_size=args.batch_size, workers=args.workers, odin_grid=args.odin_grid,
                       limit=args.limit, ood_list=args.ood_list, ood_list_mode=args.ood_list_mode, weights=args.weights,
-                      amp=not args.no_amp)
+                      amp=not args.no_amp, fit_dir=args.fit_dir, fit_fraction=args.fit_fraction)
     root = cache_root(args.cache_dir)
     from .models import WeightsUnavailableError
 
@@ -172,7 +180,7 @@ def cmd_run(args) -> int:
             print(f"  [{s['split']}] {s['path']}: {s['error']}", file=sys.stderr)
     for note in data.meta.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"benchmark {benchmark!r} cached under {root}")
+    print(f"benchmark {benchmark!r} cached under {root}; {data.meta.get('fit_split', '')}")
     return _report(data, args)
 
 

@@ -30,3 +30,11 @@ def unpack_one(data: np.ndarray, offsets: np.ndarray, index: int) -> Image.Image
     """Decode thumbnail `index` as a PIL image."""
     raw = bytes(data[offsets[index] : offsets[index + 1]])
     return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+def take(data: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The packed thumbnails of `rows`, repacked (no re-encoding)."""
+    pieces = [data[offsets[i] : offsets[i + 1]] for i in rows]
+    lengths = np.asarray([len(p) for p in pieces], dtype=np.int64)
+    new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)), new_offsets
