@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import load_npz, read_json, write_json, write_npz
-from .data import BenchmarkData, OdinGrid, SplitArrays
+from .data import BenchmarkData, OdinGrid, SplitArrays, TrainedScores
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
@@ -128,7 +128,39 @@ def load_benchmark(root: Path, benchmark: str, arch: str, *, features: bool = Tr
     if "odin_id" in files and "odin_ood" in files:
         gid, good = load_npz(folder / files["odin_id"]), load_npz(folder / files["odin_ood"])
         data.odin = OdinGrid(temps=gid["temps"], eps=gid["eps"], id=gid["scores"], ood=good["scores"])
+    data.trained = load_trained(folder, run)
     return data
+
+
+TRAINED_DIR = "trained"
+
+
+def trained_paths(folder: Path, name: str) -> tuple[Path, Path]:
+    base = folder / TRAINED_DIR / safe_name(name)
+    return base.with_suffix(".json"), base.with_suffix(".npz")
+
+
+def save_trained(folder: Path, name: str, scores_id: np.ndarray, scores_ood: np.ndarray, meta: dict) -> None:
+    """Publish a trained detector's scores next to the run it was trained on (scores first, then its JSON)."""
+    run = read_json(folder / RUN_FILE)
+    meta_path, npz_path = trained_paths(folder, name)
+    write_npz(npz_path, {"id": np.asarray(scores_id, np.float64), "ood": np.asarray(scores_ood, np.float64)})
+    write_json(meta_path, {**meta, "name": name, "run_files": {k: run["files"][k] for k in ("id", "ood")}})
+
+
+def load_trained(folder: Path, run: dict) -> dict[str, TrainedScores]:
+    """Trained detectors whose inputs are the run's current artifacts; stale ones are ignored."""
+    out = {}
+    for meta_path in sorted((folder / TRAINED_DIR).glob("*.json")):
+        try:
+            meta = read_json(meta_path)
+            if meta.get("run_files") != {k: run["files"][k] for k in ("id", "ood")}:
+                continue
+            scores = load_npz(meta_path.with_suffix(".npz"))
+        except (OSError, ValueError, KeyError):
+            continue
+        out[meta["name"]] = TrainedScores(scores["id"], scores["ood"], meta)
+    return out
 
 
 def load_thumbnails(root: Path, benchmark: str, arch: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,8 @@ def _report(data, args) -> int:
 
     unavailable = [n for n in names if not get(n).available(data)]
     names = [n for n in names if n not in unavailable]
+    if args.methods == "all":
+        names += list(data.trained)
     if args.bootstrap < 0:
         raise CliError("--bootstrap must be >= 0")
     try:

@@ -47,6 +47,19 @@ class OdinGrid:
 
 
 @dataclass
+class TrainedScores:
+    """Scores of a detector trained by a training run (energy fine-tuning, a flow).
+
+    It was trained with the OOD exposure split, so it is only ever evaluated on
+    the held-out OOD rows (see oodcore.splits); `meta` says what it was trained on.
+    """
+
+    id: np.ndarray
+    ood: np.ndarray
+    meta: dict[str, Any]
+
+
+@dataclass
 class BenchmarkData:
     benchmark: str
     arch: str
@@ -59,6 +72,7 @@ class BenchmarkData:
     head_bias: np.ndarray | None = None  # (K,)
     fit: SplitArrays | None = None
     odin: OdinGrid | None = None
+    trained: dict[str, "TrainedScores"] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

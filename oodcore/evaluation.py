@@ -31,6 +31,19 @@ def method_names(spec: str | None, data: BenchmarkData | None = None) -> list[st
     return names
 
 
+def eval_scores(method: M.Method, data: BenchmarkData, **params) -> tuple[np.ndarray, np.ndarray, OodSplit | None]:
+    """Scores to evaluate: all OOD rows, or only the held-out ones for a detector trained with OOD exposure.
+
+    Every page and report goes through this, so no view ever scores a detector on
+    the OOD images it was trained with.
+    """
+    s_id, s_ood = method.score_id_ood(data, **params)
+    if method.trained_on_ood:
+        split = ood_split(len(data.ood))
+        return s_id, s_ood[split.heldout], split
+    return s_id, s_ood, None
+
+
 def tuning_grid(method: M.Method, data: BenchmarkData) -> list[dict[str, float]]:
     """Candidate settings: the cached ODIN grid, or each parameter's declared choices."""
     if method.name == "odin":
@@ -61,14 +74,14 @@ def evaluate_run(
     tune: bool = True,
 ) -> dict:
     """The JSON report of a run (metrics as fractions)."""
-    names = list(names) if names is not None else method_names(None, data)
-    split = ood_split(len(data.ood)) if tune and len(data.ood) >= 2 else None
+    names = list(names) if names is not None else [m.name for m in M.available_methods(data)]
+    split = ood_split(len(data.ood)) if len(data.ood) >= 2 else None
     rows = []
     for name in names:
-        method = M.get(name)
+        method = M.get_for(data, name)
         params = method.defaults()
-        s_id, s_ood = method.score_id_ood(data, **params)
-        rows.append(_row(method, params, s_id, s_ood, None, n_boot, seed))
+        s_id, s_ood, used = eval_scores(method, data, **params)
+        rows.append(_row(method, params, s_id, s_ood, used, n_boot, seed))
         if tune and split is not None and method.tune_grid:
             best, exposure_auc = tune_on_exposure(method, data, split)
             s_id, s_ood = method.score_id_ood(data, **best)
@@ -144,6 +157,6 @@ def scores_frame(data: BenchmarkData, names: Iterable[str]):
         "pred": np.concatenate([data.id.preds, data.ood.preds]),
     })
     for name in names:
-        s_id, s_ood = M.get(name).score_id_ood(data)
+        s_id, s_ood = M.get_for(data, name).score_id_ood(data)
         frame[name] = np.concatenate([s_id, s_ood])
     return frame

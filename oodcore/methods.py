@@ -43,6 +43,7 @@ class Method:
     paper: str = ""
     summary: str = ""
     tune_grid: bool = False  # has a grid of settings chosen on the OOD exposure split
+    trained_on_ood: bool = False  # saw the OOD exposure split: evaluate on held-out OOD rows only
 
     def defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params}
@@ -108,7 +109,31 @@ def missing_needs(method: Method, data: BenchmarkData) -> set[str]:
 
 
 def available_methods(data: BenchmarkData) -> list[Method]:
-    return [m for m in REGISTRY.values() if m.available(data)]
+    """Registered methods the cache can serve, then the run's trained detectors."""
+    return [m for m in REGISTRY.values() if m.available(data)] + [trained_method(data, n) for n in data.trained]
+
+
+def trained_method(data: BenchmarkData, name: str) -> Method:
+    """A trained detector (oodcore.data.TrainedScores) as a parameter-free method."""
+    meta = data.trained[name].meta
+
+    def fn(data, split):
+        scores = data.trained[name]
+        if split is data.id:
+            return scores.id
+        if split is data.ood:
+            return scores.ood
+        raise MethodUnavailable(f"{name} scores only the cached images; new images need its checkpoint")
+
+    return Method(name, meta.get("label", name), fn, needs=frozenset({"logits"}), paper=meta.get("paper", ""),
+                  summary=meta.get("summary", ""), trained_on_ood=True)
+
+
+def get_for(data: BenchmarkData, name: str) -> Method:
+    """Look a method up among the registry and the run's trained detectors."""
+    if name in data.trained:
+        return trained_method(data, name)
+    return get(name)
 
 
 # ---------------------------------------------------------------- numerics
@@ -191,3 +216,6 @@ def odin(data, split, T, eps):
     if split is data.ood:
         return grid.ood[:, where[0], where[1]]
     raise MethodUnavailable("ODIN with ε > 0 on new images needs the network (see oodcore.odin)")
+
+
+from . import methods_logits, methods_features, methods_distance  # noqa: E402,F401
