@@ -125,7 +125,7 @@ def format_table(report: dict) -> str:
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s); see the JSON for paths")
     cols = ["AUROC", "AUPR-Out", "AUPR-In", "FPR95(OOD+)", "FPR95(ID+)"]
-    lines.append(f"{'method':<28}" + "".join(f"{c:>22}" for c in cols))
+    lines.append(f"{'method':<34}" + "".join(f"{c:>22}" for c in cols))
     for row in report["results"]:
         label = row["method"] + _params_text(row["params"]) + (" *" if row["tuned_on"] else "")
         cells = []
@@ -133,7 +133,7 @@ def format_table(report: dict) -> str:
             ci = row["ci"].get(key)
             text = f"{100 * row[key]:.1f}" + (f" [{100 * ci[0]:.1f},{100 * ci[1]:.1f}]" if ci else "")
             cells.append(f"{text:>22}")
-        lines.append(f"{label:<28}" + "".join(cells))
+        lines.append(f"{label:<34}" + "".join(cells))
     notes = [r["note"] for r in report["results"] if r["tuned_on"]]
     if notes:
         lines.append(f"* {notes[0]}; untuned rows are scored on the full OOD set")
