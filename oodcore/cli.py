@@ -72,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_file", default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--images", default=None, help="image folder for the extraction benchmark (default: generated JPEGs)")
+
+    p = sub.add_parser("export", help="write a cached run (logits, features, head, every method's scores) to a plain .npz",
+                       description="np.savez arrays (load with allow_pickle=False) plus a JSON side file (FILE with a .json suffix).")
+    p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
+    p.add_argument("--arch", required=True, help="architecture name, as `list` shows it (e.g. digits_cnn)")
+    p.add_argument("--npz", required=True, help="output .npz file")
+    _add_cache(p)
+
+    from .jobs import add_train_arguments
+
+    p = sub.add_parser("train", help="train a detector on a cached run: energy fine-tuning or a normalizing flow",
+                       description="Energy-bounded fine-tuning (Liu et al. 2020) or a RealNVP flow on pixels (demo) "
+                                   "or cached features; resumable; the detector joins every report, scored on the "
+                                   "held-out OOD rows. See oodcore/jobs.py.")
+    add_train_arguments(p)
+    _add_cache(p)
     return parser
 
 
@@ -217,6 +233,20 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_export(args) -> int:
+    from .cache import CacheMissing, load_benchmark
+    from .export import export_run
+
+    root = cache_root(args.cache_dir)
+    try:
+        data = load_benchmark(root, args.benchmark, args.arch)
+    except (CacheMissing, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    npz, side = export_run(data, args.npz)
+    print(f"wrote {npz} and {side}")
+    return 0
+
+
 def _stderr_progress():
     state = {"last": None}
 
@@ -231,4 +261,22 @@ def _stderr_progress():
     return show
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "list": cmd_list, "methods": cmd_methods, "bench": cmd_bench}
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "list": cmd_list, "methods": cmd_methods, "bench": cmd_bench,
+            "export": cmd_export}
+
+
+def cmd_train(args) -> int:
+    from . import demo
+    from .jobs import JobError, cli_train
+
+    root = cache_root(args.cache_dir)
+    if args.benchmark == "demo" and not args.resume and not demo.is_built(root):
+        print(f"building the demo benchmark under {root} first (once; seconds on a CPU)", file=sys.stderr)
+        demo.build_demo(root, progress=_stderr_progress())
+    try:
+        return cli_train(args, root)
+    except JobError as exc:
+        raise CliError(str(exc)) from None
+
+
+COMMANDS["train"] = cmd_train

@@ -101,7 +101,7 @@ def missing_needs(method: Method, data: BenchmarkData) -> set[str]:
         have.add("features")
     if data.head_weight is not None:
         have.add("head")
-    if data.fit is not None:
+    if data.fit is not None and len(data.fit) > 0:  # a --limit run can leave the fit split empty
         have.add("fit")
     if data.odin is not None:
         have.add("odin_grid")
