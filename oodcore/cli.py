@@ -223,7 +223,7 @@ def cmd_methods(args) -> int:
 
     for m in REGISTRY.values():
         params = ", ".join(f"{p.name}={p.default:g} [{p.low:g}..{p.high:g}, {p.scale}]" for p in m.params) or "no parameters"
-        print(f"{m.name:<14} {m.label:<12} {params}\n{'':<14} {m.paper}")
+        print(f"{m.name:<16} {m.label:<21} {params}\n{'':<16} {m.paper}")
     return 0
 
 
