@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import cache
+from .atomic import atomic_path
 from .extract import discard_parts
 from .pipeline import extract_split, odin_split
 
@@ -211,7 +212,8 @@ def _build(root: Path, progress: Progress | None) -> Path:
         "weight": model.head.weight.detach().numpy().astype(np.float32),
         "bias": model.head.bias.detach().numpy().astype(np.float32)})
     files["model"] = f"model-{key}.safetensors"
-    save_file(model.state_dict(), str(folder / files["model"]))
+    with atomic_path(folder / files["model"]) as tmp:
+        save_file(model.state_dict(), str(tmp))
     cache.write_run(folder, {
         "benchmark": BENCHMARK, "arch": ARCH, "protocol": PROTOCOL, "key": key,
         "class_ids": [str(d) for d in ID_DIGITS], "class_names": [f"digit {d}" for d in ID_DIGITS],

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import cache as C
-from .atomic import _UMASK, read_json, write_json
+from .atomic import atomic_path, read_json, write_json
 
 JOBS_DIR = "jobs"
 LOCK_FILE = ".train.lock"
@@ -253,13 +253,8 @@ def save_checkpoint(folder: Path, model, optimizer, meta: dict) -> None:
 
 
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict, save_file) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path, model, optimizer=None) -> dict:
