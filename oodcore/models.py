@@ -546,11 +546,15 @@ def _load_lite0(weights) -> ModelBundle:
             "weights": f"sha256:{_sha256(path)}",
             "weights_file": path.name,
         }
+    return _timm_bundle(DEFAULT_MODEL, model, copy.deepcopy(_LITE0_PREPROCESS), identity)
+
+
+def _timm_bundle(name: str, model: nn.Module, pp: dict, identity: dict) -> ModelBundle:
+    """A frozen timm network with its head/feature split and its preprocessing `pp`."""
     _freeze(model)
     head = _timm_head(model)
-    pp = copy.deepcopy(_LITE0_PREPROCESS)
     return ModelBundle(
-        name=DEFAULT_MODEL,
+        name=name,
         network=model,
         head=head,
         mean=_tuple3(pp["mean"]),
@@ -641,8 +645,6 @@ def _load_timm(name: str, weights) -> ModelBundle:
                 "weights": f"sha256:{_sha256(path)}",
                 "weights_file": path.name,
             }
-    _freeze(model)
-    head = _timm_head(model)
     dc = resolve_model_data_config(model)
     pp = {
         "input_size": [int(v) for v in dc["input_size"]],
@@ -652,18 +654,7 @@ def _load_timm(name: str, weights) -> ModelBundle:
         "mean": [float(v) for v in dc["mean"]],
         "std": [float(v) for v in dc["std"]],
     }
-    return ModelBundle(
-        name=name,
-        network=model,
-        head=head,
-        mean=_tuple3(pp["mean"]),
-        std=_tuple3(pp["std"]),
-        input_size=tuple(pp["input_size"]),
-        transform=_timm_transform(pp),
-        preprocess=pp,
-        identity=identity,
-        _both=_timm_both(model, head),
-    )
+    return _timm_bundle(name, model, pp, identity)
 
 
 # --------------------------------------------------------------------------- torchvision
