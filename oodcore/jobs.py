@@ -371,13 +371,7 @@ def run_job(root: Path, cfg: TrainConfig | None = None, *, resume: str | None = 
         cfg = _config_of(root, resume, cfg)
     if cfg is None:
         raise JobError("nothing to train: give a config or --resume JOB_ID")
-    try:
-        arch = cfg.arch or _only_arch(root, cfg.benchmark)
-        run = C.read_run(root, cfg.benchmark, arch)
-    except C.CacheMissing as exc:
-        raise JobError(str(exc)) from None
-    cfg = resolve(TrainConfig.from_dict({**cfg.to_dict(), "arch": arch}), run)
-    job_id = job_id_for(cfg, run)
+    cfg, run, job_id = _resolve_job(root, cfg)
     if resume and resume != job_id:
         raise JobError(f"job {resume} was made on other cached artifacts (now {job_id}); start it with --fresh")
     folder = job_dir(root, cfg.benchmark, cfg.arch, job_id)
@@ -432,6 +426,17 @@ def run_job(root: Path, cfg: TrainConfig | None = None, *, resume: str | None = 
     finally:
         release_lock(root)
         torch.set_num_threads(threads_before)
+
+
+def _resolve_job(root: Path, cfg: TrainConfig) -> tuple[TrainConfig, dict, str]:
+    """The options resolved against the cached run they train on, that run.json, and the job id."""
+    try:
+        arch = cfg.arch or _only_arch(root, cfg.benchmark)
+        run = C.read_run(root, cfg.benchmark, arch)
+    except C.CacheMissing as exc:
+        raise JobError(str(exc)) from None
+    cfg = resolve(TrainConfig.from_dict({**cfg.to_dict(), "arch": arch}), run)
+    return cfg, run, job_id_for(cfg, run)
 
 
 def _only_arch(root: Path, benchmark: str) -> str:
@@ -716,13 +721,7 @@ def start_job_process(root: Path, cfg: TrainConfig, *, fresh: bool = False) -> s
     holder = read_lock(root)
     if holder is not None:
         raise JobBusy(busy_message(holder))
-    try:
-        arch = cfg.arch or _only_arch(root, cfg.benchmark)
-        run = C.read_run(root, cfg.benchmark, arch)
-    except C.CacheMissing as exc:
-        raise JobError(str(exc)) from None
-    cfg = resolve(TrainConfig.from_dict({**cfg.to_dict(), "arch": arch}), run)
-    job_id = job_id_for(cfg, run)
+    cfg, run, job_id = _resolve_job(root, cfg)
     folder = job_dir(root, cfg.benchmark, cfg.arch, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CANCEL_FILE).unlink(missing_ok=True)

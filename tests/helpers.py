@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from oodcore.data import BenchmarkData, SplitArrays
@@ -17,3 +20,16 @@ def make_data(logits_id, logits_ood, features_id=None, features_ood=None, **extr
         ood=SplitArrays(logits_ood, features_ood, np.full(len(logits_ood), -1), np.asarray([f"ood/{i}" for i in range(len(logits_ood))])),
         **extra,
     )
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+def record(name: str, value) -> None:
+    """Timings worth reporting (not asserted) go to artifacts/timings.json (gitignored) and to stdout."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "timings.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[name] = value
+    path.write_text(json.dumps(data, indent=2))
+    print(f"{name}: {value}")

@@ -22,6 +22,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from streamlit.testing.v1 import AppTest
 
+from tests.helpers import record
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 CACHE_PAGES = ["pages/leaderboard.py", "pages/curves.py", "pages/odin_tuner.py", "pages/misfires.py"]
@@ -37,16 +39,6 @@ pytestmark = pytest.mark.timeout(900)
 def shared_demo_cache(tmp_path_factory) -> Path:
     """One demo cache per pytest session, also found by test_app_e2e.py."""
     return tmp_path_factory.getbasetemp() / "oodcore-demo-cache"
-
-
-def record(name: str, value) -> None:
-    """Timings worth reporting go to artifacts/timings.json (gitignored) and to stdout."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "timings.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[name] = value
-    path.write_text(json.dumps(data, indent=2))
-    print(f"{name}: {value}")
 
 
 def no_exception(at: AppTest) -> None:

@@ -7,7 +7,6 @@ time (process start to first page rendered) goes to artifacts/timings.json.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -18,20 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import record
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def record(name: str, value) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "timings.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[name] = value
-    path.write_text(json.dumps(data, indent=2))
-    print(f"{name}: {value}")
 
 
 def free_port() -> int:
