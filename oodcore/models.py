@@ -214,6 +214,16 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return sd
 
 
+def _local_weights(model: nn.Module, weights, name: str, source: str, arch: str) -> dict:
+    """Load `weights` (a file, or RANDOM for tests) into `model` with no download; return the identity."""
+    if weights == RANDOM:
+        return {"name": name, "source": source, "architecture": arch, "weights": RANDOM}
+    path = Path(weights)
+    _load_strict(model, _read_state_dict(path), path)
+    return {"name": name, "source": source, "architecture": arch, "weights": f"sha256:{_sha256(path)}",
+            "weights_file": path.name}
+
+
 def _load_strict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
     """Strict load with a readable error: a silently partial load would poison every cached score."""
     try:
@@ -633,18 +643,7 @@ def _load_timm(name: str, weights) -> ModelBundle:
         }
     else:
         model = timm.create_model(timm_name, pretrained=False, num_classes=1000)
-        if weights == RANDOM:
-            identity = {"name": name, "source": "timm", "architecture": arch, "weights": RANDOM}
-        else:
-            path = Path(weights)
-            _load_strict(model, _read_state_dict(path), path)
-            identity = {
-                "name": name,
-                "source": "timm",
-                "architecture": arch,
-                "weights": f"sha256:{_sha256(path)}",
-                "weights_file": path.name,
-            }
+        identity = _local_weights(model, weights, name, "timm", arch)
     dc = resolve_model_data_config(model)
     pp = {
         "input_size": [int(v) for v in dc["input_size"]],
@@ -706,18 +705,7 @@ def _load_torchvision(name: str, weights) -> ModelBundle:
         }
     else:
         model = tvm.get_model(arch, weights=None)
-        if weights == RANDOM:
-            identity = {"name": name, "source": "torchvision", "architecture": arch, "weights": RANDOM}
-        else:
-            path = Path(weights)
-            _load_strict(model, _read_state_dict(path), path)
-            identity = {
-                "name": name,
-                "source": "torchvision",
-                "architecture": arch,
-                "weights": f"sha256:{_sha256(path)}",
-                "weights_file": path.name,
-            }
+        identity = _local_weights(model, weights, name, "torchvision", arch)
     _freeze(model)
     head = _tv_final_linear(model)
     t = w.transforms()  # static metadata: no download needed, so 'random' and FILE get the same preprocessing
