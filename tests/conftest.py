@@ -1,9 +1,17 @@
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import demo_cache_dir, demo_is_built
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use ../shared carry the needs_shared marker (so `-m "not needs_shared"` deselects them)."""
+    for item in items:
+        if "shared_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.needs_shared)
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +24,10 @@ def shared_dir():
 
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
-    """A demo cache built once per test session (seconds); tests must not modify it."""
-    from oodcore import demo
+    """The session's demo cache (built once, seconds; the app's first-run test may have built it); read-only to tests."""
+    root = demo_cache_dir(tmp_path_factory)
+    if not demo_is_built(root):
+        from oodcore.extraction import demo
 
-    root = tmp_path_factory.mktemp("demo-cache")
-    demo.build_demo(root)
+        demo.build_demo(root)
     return root

@@ -7,17 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
-from oodcore.data import BenchmarkData, SplitArrays
+from oodcore.store.rundata import BenchmarkData, SplitArrays
 
 
 def make_data(logits_id, logits_ood, features_id=None, features_ood=None, **extra) -> BenchmarkData:
     logits_id, logits_ood = np.asarray(logits_id, float), np.asarray(logits_ood, float)
     k = logits_id.shape[1]
     return BenchmarkData(
-        benchmark="t", arch="a", protocol="p",
-        class_ids=[str(i) for i in range(k)], class_names=[f"c{i}" for i in range(k)],
-        id=SplitArrays(logits_id, features_id, logits_id.argmax(1), np.asarray([f"id/{i}" for i in range(len(logits_id))])),
-        ood=SplitArrays(logits_ood, features_ood, np.full(len(logits_ood), -1), np.asarray([f"ood/{i}" for i in range(len(logits_ood))])),
+        benchmark="t",
+        arch="a",
+        protocol="p",
+        class_ids=[str(i) for i in range(k)],
+        class_names=[f"c{i}" for i in range(k)],
+        id=SplitArrays(
+            logits_id, features_id, logits_id.argmax(1), np.asarray([f"id/{i}" for i in range(len(logits_id))])
+        ),
+        ood=SplitArrays(
+            logits_ood,
+            features_ood,
+            np.full(len(logits_ood), -1),
+            np.asarray([f"ood/{i}" for i in range(len(logits_ood))]),
+        ),
         **extra,
     )
 
@@ -33,3 +43,14 @@ def record(name: str, value) -> None:
     data[name] = value
     path.write_text(json.dumps(data, indent=2))
     print(f"{name}: {value}")
+
+
+DEMO_DIR = "oodcore-demo-cache"  # one demo cache per test session, whichever test needs it first builds it
+
+
+def demo_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / DEMO_DIR
+
+
+def demo_is_built(root: Path) -> bool:
+    return (root / "demo" / "digits_cnn" / "run.json").is_file()

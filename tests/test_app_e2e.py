@@ -23,24 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(900)]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory) -> Path:
-    """The session's demo cache (same place as test_app.py's); built here if that file did not run."""
-    root = tmp_path_factory.getbasetemp() / "oodcore-demo-cache"
-    if not (root / "demo" / "digits_cnn" / "run.json").is_file():
-        from oodcore import demo
-
-        demo.build_demo(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +55,26 @@ def server(demo_cache, browser):
     log = open(ARTIFACTS / "e2e-server.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import urllib.request
@@ -98,8 +104,11 @@ def server(demo_cache, browser):
 def metric_value(page, label: str, exact: bool = True) -> str:
     """The value of the st.metric whose label is `label` (or starts with it, exact=False)."""
     pattern = re.compile(rf"^\s*{re.escape(label)}" + (r"\s*$" if exact else ""))
-    card = page.locator('[data-testid="stMetric"]').filter(
-        has=page.locator('[data-testid="stMetricLabel"]', has_text=pattern)).first
+    card = (
+        page.locator('[data-testid="stMetric"]')
+        .filter(has=page.locator('[data-testid="stMetricLabel"]', has_text=pattern))
+        .first
+    )
     card.wait_for(timeout=60_000)
     return card.locator('[data-testid="stMetricValue"]').inner_text().strip()
 
@@ -124,7 +133,7 @@ def test_main_path_in_a_browser(server, browser):
     # 2. ODIN tuner: move T one step left on the select slider
     page.locator('[data-testid="stSidebarNav"] a', has_text="ODIN tuner").click()
     page.get_by_role("heading", name="ODIN tuner").wait_for()
-    before = metric_value(page, "AUROC")
+    before = metric_value(page, "AUPR-In")  # AUROC can round to the same 2 decimals at neighbouring T
     thumb = page.get_by_role("slider").first
     thumb.focus()
     started_move = time.perf_counter()
@@ -137,9 +146,12 @@ def test_main_path_in_a_browser(server, browser):
                 return l && l.innerText.trim() === label;
             });
             return card && !card.innerText.includes(before);
-        }""", arg=["AUROC", before], timeout=30_000)
+        }""",
+        arg=["AUPR-In", before],
+        timeout=30_000,
+    )
     record("e2e_slider_to_metric_seconds", round(time.perf_counter() - started_move, 2))
-    after = metric_value(page, "AUROC")
+    after = metric_value(page, "AUPR-In")
     assert after != before
     page.wait_for_function("() => window.location.search.includes('T=')", timeout=10_000)
     assert re.search(r"[?&]T=500\b", page.url), page.url  # the setting lives in the URL
@@ -155,8 +167,11 @@ def test_main_path_in_a_browser(server, browser):
             const l = c.querySelector('[data-testid="stMetricLabel"]');
             const v = c.querySelector('[data-testid="stMetricValue"]');
             return l && v && l.innerText.trim() === label && v.innerText.trim() === want;
-        })""", arg=["AUROC", after], timeout=60_000)
-    assert metric_value(other, "AUROC") == after
+        })""",
+        arg=["AUPR-In", after],
+        timeout=60_000,
+    )
+    assert metric_value(other, "AUPR-In") == after
     other.close()
 
     # 3. misfires: the gallery shows thumbnails

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from oodcore.atomic import atomic_open, load_npz, read_json, write_json, write_npz
+from oodcore.store.atomic import atomic_open, load_npz, read_json, write_json, write_npz
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):

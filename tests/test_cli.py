@@ -7,9 +7,10 @@ import sys
 import pandas as pd
 import pytest
 
-from oodcore.cli import main
-from oodcore.metrics import compute_metrics
-from oodcore import cache, methods as M
+from oodcore import detectors as M
+from oodcore.cli.main import main
+from oodcore.evaluation.metrics import compute_metrics
+from oodcore.store import cache
 
 FIELDS = {"benchmark", "arch", "protocol", "n_id", "n_ood", "n_classes", "id_top1", "skipped", "results"}
 ROW_FIELDS = {"method", "params", "auroc", "aupr_out", "aupr_in", "fpr95", "fpr95_in", "ci", "tuned_on"}
@@ -17,8 +18,22 @@ ROW_FIELDS = {"method", "params", "auroc", "aupr_out", "aupr_in", "fpr95", "fpr9
 
 def test_demo_prints_table_and_writes_json_and_csv(demo_cache, tmp_path, capsys):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "s.csv"
-    assert main(["demo", "--cache-dir", str(demo_cache), "--json", str(out_json), "--scores-csv", str(out_csv),
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--cache-dir",
+                str(demo_cache),
+                "--json",
+                str(out_json),
+                "--scores-csv",
+                str(out_csv),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for name in ("msp", "maxlogit", "energy", "odin"):
         assert f"\n{name}" in printed
@@ -63,7 +78,10 @@ def test_cache_dir_from_environment(demo_cache, monkeypatch, capsys):
     "argv, message",
     [
         (["run", "--arch", "efficientnet_lite0", "--id-dir", "/nonexistent/id", "--ood-dir", "/tmp"], "does not exist"),
-        (["run", "--arch", "efficientnet_lite0", "--id-dir", "/tmp", "--ood-dir", "/tmp", "--batch-size", "0"], "at least 1"),
+        (
+            ["run", "--arch", "efficientnet_lite0", "--id-dir", "/tmp", "--ood-dir", "/tmp", "--batch-size", "0"],
+            "at least 1",
+        ),
         (["demo", "--methods", "msp,bogus"], "unknown method"),
     ],
 )
@@ -73,6 +91,8 @@ def test_bad_arguments_give_one_clear_line(argv, message, demo_cache, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_help_for_every_command():
     for command in ("demo", "run", "list", "methods", "bench"):
         result = subprocess.run([sys.executable, "-m", "oodcore", command, "--help"], capture_output=True, text=True)

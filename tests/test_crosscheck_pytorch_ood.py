@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 
 import pytorch_ood.detector as D  # noqa: E402
 
-from oodcore import cache  # noqa: E402
-from oodcore import methods as M  # noqa: E402
-from oodcore.methods_logits import _nll_slope, fitted_temperature  # noqa: E402
-from oodcore.metrics import compute_metrics  # noqa: E402
+from oodcore import detectors as M  # noqa: E402
+from oodcore.detectors.logits import _nll_slope, fitted_temperature  # noqa: E402
+from oodcore.evaluation.metrics import compute_metrics  # noqa: E402
+from oodcore.store import cache  # noqa: E402
 
 TOL = 1e-3
 
@@ -38,9 +38,17 @@ def t(demo):
         lin.weight.copy_(w)
         lin.bias.copy_(b)
     return {
-        "Fi": as_t(demo.id.features), "Fo": as_t(demo.ood.features), "Ff": as_t(demo.fit.features),
-        "Li": as_t(demo.id.logits), "Lo": as_t(demo.ood.logits), "Lf": as_t(demo.fit.logits),
-        "yf": as_t(demo.fit.labels), "W": w, "b": b, "linear": lin, "head": lambda z: z @ w.T + b,
+        "Fi": as_t(demo.id.features),
+        "Fo": as_t(demo.ood.features),
+        "Ff": as_t(demo.fit.features),
+        "Li": as_t(demo.id.logits),
+        "Lo": as_t(demo.ood.logits),
+        "Lf": as_t(demo.fit.logits),
+        "yf": as_t(demo.fit.labels),
+        "W": w,
+        "b": b,
+        "linear": lin,
+        "head": lambda z: z @ w.T + b,
     }
 
 
@@ -103,7 +111,10 @@ def theirs(name: str, t: dict):
 #   ("scaled", c, rtol)  ours = c(data) * theirs (a positive constant: same ranking)
 #   None             AUROC only (see the comment at the name)
 SAME_FORMULA = {
-    "msp": ("same", 1e-5), "maxlogit": ("same", 1e-6), "energy": ("same", 1e-5), "odin": ("same", 1e-5),
+    "msp": ("same", 1e-5),
+    "maxlogit": ("same", 1e-6),
+    "energy": ("same", 1e-5),
+    "odin": ("same", 1e-5),
     # pytorch-ood clips p to [1e-7, 1] before the log; p log p of the clipped tail is < 2e-6
     "entropy": ("same", 1e-3),
     # GEN: pytorch-ood *averages* the M terms (ours sums, as the paper's Eq. 4 and the authors' code:
@@ -174,9 +185,7 @@ def test_vim_equals_pytorch_ood_formula_in_float64(demo, t):
     ours = np.r_[M.get("vim").score_id_ood(demo)]
     ref = np.r_[predict(t["Fi"]).numpy(), predict(t["Fo"]).numpy()]
     assert np.allclose(ours, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
-    from oodcore.methods_features import vim_state
-
-    assert vim_state(demo)["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert M.get("vim").state(demo)["alpha"] == pytest.approx(alpha, rel=1e-6)
 
 
 def test_gen_equals_pytorch_ood_formula_without_the_clamp(demo, t):
@@ -215,14 +224,16 @@ def test_temp_scaling_vs_pytorch_ood(demo, t):
     their_t = float(det.t.detach())
     nll = lambda temp: _nll_slope(demo.fit.logits, demo.fit.labels, 1.0 / temp)[0]  # noqa: E731
     assert nll(ours_t) < nll(their_t)
-    best = minimize_scalar(lambda lt: nll(np.exp(lt)), bounds=(np.log(1e-3), np.log(1e3)), method="bounded",
-                           options={"xatol": 1e-9})
+    best = minimize_scalar(
+        lambda lt: nll(np.exp(lt)), bounds=(np.log(1e-3), np.log(1e3)), method="bounded", options={"xatol": 1e-9}
+    )
     assert ours_t == pytest.approx(float(np.exp(best.x)), rel=1e-5)
 
     with torch.no_grad():
         det.t.fill_(ours_t)
-        their = np.r_[det.predict_logits(t["Li"].double()).double().numpy(),
-                      det.predict_logits(t["Lo"].double()).double().numpy()]
+        their = np.r_[
+            det.predict_logits(t["Li"].double()).double().numpy(), det.predict_logits(t["Lo"].double()).double().numpy()
+        ]
     ours = np.r_[M.get("temp_scaling").score_id_ood(demo)]
     order = np.argsort(ours, kind="stable")
     assert np.all(np.diff(their[order]) >= -1e-12)  # ours refines theirs: same order wherever theirs resolves

@@ -17,23 +17,40 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from oodcore.datasets import (
+from oodcore.data.dataset import ImageFileDataset
+from oodcore.data.folders import (
     DatasetError,
     FileEntry,
-    ImageFileDataset,
     fingerprint,
     resolve_root,
     scan_image_folder,
 )
-from oodcore.image_io import IMAGE_EXTENSIONS, BadImageError, is_image_file, load_rgb, make_thumbnail
-from oodcore.imagenet_classes import class_name, imagenet_names, imagenet_wnids, wnid_to_index
-from oodcore.protocols import PROTOCOL_DESCRIPTIONS, PROTOCOLS, build_protocol, stratified_subset
+from oodcore.data.imagenet import (
+    class_name,
+    imagenet_names,
+    imagenet_wnids,
+    wnid_to_index,
+)
+from oodcore.data.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    is_image_file,
+    load_rgb,
+    make_thumbnail,
+)
+from oodcore.data.protocols import (
+    PROTOCOL_DESCRIPTIONS,
+    PROTOCOLS,
+    build_protocol,
+    stratified_subset,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WN = imagenet_wnids()
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def _noise(size=(40, 30), seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -56,6 +73,7 @@ def _tree(root: Path, spec: dict[str, int], ext: str = "png", seed: int = 0) -> 
 
 def _bomb_png(path: Path, w: int = 100_000, h: int = 100_000) -> Path:
     """A PNG whose header claims w x h pixels but carries no pixel data (costs ~50 bytes)."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
@@ -69,6 +87,7 @@ SHAPE = (3, 32, 32)
 
 
 # ---------------------------------------------------------------- imagenet_classes
+
 
 def test_imagenet_classes_metadata():
     w = imagenet_wnids()
@@ -93,6 +112,7 @@ def test_imagenet_order_matches_shared_list():
 
 # ---------------------------------------------------------------- image_io
 
+
 def test_extensions_case_insensitive():
     for ext in ("jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "ppm"):
         assert "." + ext in IMAGE_EXTENSIONS
@@ -102,8 +122,20 @@ def test_extensions_case_insensitive():
 
 @pytest.mark.parametrize(
     "mode,ext",
-    [("L", "png"), ("1", "png"), ("P", "png"), ("RGBA", "png"), ("LA", "png"), ("CMYK", "jpg"),
-     ("L", "jpg"), ("RGB", "bmp"), ("RGB", "webp"), ("P", "gif"), ("RGB", "tiff"), ("RGB", "ppm")],
+    [
+        ("L", "png"),
+        ("1", "png"),
+        ("P", "png"),
+        ("RGBA", "png"),
+        ("LA", "png"),
+        ("CMYK", "jpg"),
+        ("L", "jpg"),
+        ("RGB", "bmp"),
+        ("RGB", "webp"),
+        ("P", "gif"),
+        ("RGB", "tiff"),
+        ("RGB", "ppm"),
+    ],
 )
 def test_modes_load_as_rgb(tmp_path, mode, ext):
     p = _save(tmp_path / f"x.{ext}", _noise().convert(mode))
@@ -235,6 +267,7 @@ def test_make_thumbnail_center_crop():
 
 # ---------------------------------------------------------------- resolve_root / scan
 
+
 def test_resolve_root_layouts_and_errors(tmp_path):
     plain = _tree(tmp_path / "plain", {WN[0]: 1})
     assert resolve_root(plain) == plain
@@ -282,8 +315,13 @@ def test_scan_sorted_ignored_and_reported(tmp_path):
     assert f"{WN[7]}/sub/deep.JPEG" in rels
     assert all(e.wnid == e.relpath.split("/")[0] for e in res.entries)
     assert all("\\" not in r for r in rels)
-    assert set(res.ignored) == {f"{WN[2]}/readme.txt", f"{WN[2]}/.DS_Store", f"{WN[2]}/._a.jpg",
-                                "LOC_val_solution.csv", "__MACOSX/"}
+    assert set(res.ignored) == {
+        f"{WN[2]}/readme.txt",
+        f"{WN[2]}/.DS_Store",
+        f"{WN[2]}/._a.jpg",
+        "LOC_val_solution.csv",
+        "__MACOSX/",
+    }
     assert res.class_wnids == sorted([WN[2], WN[7]]) and res.root == root
     e = res.entries[0]
     st = os.stat(root / e.relpath)
@@ -324,6 +362,7 @@ def test_fingerprint_tracks_changes(tmp_path):
 
 # ---------------------------------------------------------------- ImageFileDataset
 
+
 def _messy_tree(root: Path) -> Path:
     w = WN[10]
     d = root / w
@@ -342,8 +381,12 @@ def _messy_tree(root: Path) -> Path:
     return root
 
 
-EXPECTED_BAD = {"zero.jpg": "zero-byte", "trunc.jpg": "truncated", "text.jpg": "not an image",
-                "bomb.png": "decompression bomb"}
+EXPECTED_BAD = {
+    "zero.jpg": "zero-byte",
+    "trunc.jpg": "truncated",
+    "text.jpg": "not an image",
+    "bomb.png": "decompression bomb",
+}
 
 
 def _check_items(items, entries):
@@ -381,8 +424,7 @@ def test_dataset_through_dataloader_workers(tmp_path):
     for b in dl:
         assert b["image"].shape[1:] == SHAPE and b["ok"].dtype == torch.bool
         for j in range(len(b["index"])):
-            items.append({k: (v[j] if not isinstance(v, torch.Tensor) or v.ndim == 0 else v[j])
-                          for k, v in b.items()})
+            items.append({k: (v[j] if not isinstance(v, torch.Tensor) or v.ndim == 0 else v[j]) for k, v in b.items()})
     for it in items:
         it["ok"] = bool(it["ok"])
         it["index"] = int(it["index"])
@@ -420,7 +462,7 @@ def test_protocol_imagenet_o(trees):
     assert spec.id_root == idr / "val" and spec.ood_root == ood
     assert len(spec.id_files) == 9 and len(spec.ood_files) == 6
     assert spec.id_labels.dtype == np.int64
-    assert [spec.class_wnids[l] for l in spec.id_labels] == [e.wnid for e in spec.id_files]
+    assert [spec.class_wnids[lab] for lab in spec.id_labels] == [e.wnid for e in spec.id_files]
     assert [e.relpath for e in spec.id_files] == sorted(e.relpath for e in spec.id_files)
     assert spec.ignored == [f"{(idr / 'val').as_posix()}/{WN[0]}/info.txt"]
     j = json.loads(json.dumps(spec.to_json()))
@@ -442,7 +484,7 @@ def test_protocol_id_classes(trees):
     spec = build_protocol(idr, other, "id-classes")
     assert spec.class_wnids == sorted(ID_SPEC) and spec.class_indices.tolist() == [0, 5, 10, 20, 500, 999]
     assert len(spec.id_files) == 18 and len(spec.ood_files) == 3
-    assert [spec.class_wnids[l] for l in spec.id_labels] == [e.wnid for e in spec.id_files]
+    assert [spec.class_wnids[lab] for lab in spec.id_labels] == [e.wnid for e in spec.id_files]
     assert not any("also ID classes" in n for n in spec.notes)
     overl = build_protocol(idr, ood, "id-classes")  # overlap allowed, reported
     assert any("3 OOD class folder(s) are also ID classes" in n for n in overl.notes)
@@ -477,8 +519,9 @@ def test_ood_list_exclude_and_keep(trees, tmp_path):
         "does_not_exist.jpg\n"
     )
     spec = build_protocol(idr, ood, "imagenet-o", ood_list=lst)
-    assert sorted(spec.excluded) == sorted([f"{WN[5]}/{WN[5]}_0.jpg", f"{WN[20]}/{WN[20]}_1.jpg",
-                                            f"{WN[999]}/{WN[999]}_0.jpg"])
+    assert sorted(spec.excluded) == sorted(
+        [f"{WN[5]}/{WN[5]}_0.jpg", f"{WN[20]}/{WN[20]}_1.jpg", f"{WN[999]}/{WN[999]}_0.jpg"]
+    )
     assert len(spec.ood_files) == 3 and not set(spec.excluded) & {e.relpath for e in spec.ood_files}
     assert any("1 of 4 entries matched no OOD file: does_not_exist.jpg" in n for n in spec.notes)
     assert spec.class_wnids == [WN[5], WN[20], WN[999]]  # the mask ignores the list
@@ -506,18 +549,18 @@ def test_limit_is_deterministic_and_stratified(trees):
     assert {e.wnid for e in a.id_files} == set(a.class_wnids)  # every masked class represented
     assert {e.wnid for e in a.ood_files} == set(OOD_SPEC)
     assert [e.relpath for e in a.id_files] == sorted(e.relpath for e in a.id_files)
-    assert [a.class_wnids[l] for l in a.id_labels] == [e.wnid for e in a.id_files]
+    assert [a.class_wnids[lab] for lab in a.id_labels] == [e.wnid for e in a.id_files]
     assert a.class_wnids == [WN[5], WN[20], WN[999]]
     big = build_protocol(idr, ood, "full", limit=1000)
     assert len(big.id_files) == 18 and len(big.ood_files) == 6
-    seeds = {tuple(e.relpath for e in build_protocol(idr, ood, "full", limit=6, seed=s).id_files)
-             for s in range(5)}
+    seeds = {tuple(e.relpath for e in build_protocol(idr, ood, "full", limit=6, seed=s).id_files) for s in range(5)}
     assert len(seeds) > 1  # the seed matters
     sub = stratified_subset(a.id_files, 3, seed=1)
     assert len(sub) == 3 and len({e.wnid for e in sub}) == 3
 
 
 # ---------------------------------------------------------------- real images (../shared)
+
 
 def test_shared_sample_imagenet_o(shared_dir, tmp_path):
     res = scan_image_folder(shared_dir / "imagenet-sample")
@@ -535,7 +578,7 @@ def test_shared_sample_imagenet_o(shared_dir, tmp_path):
     assert spec.class_indices.tolist() == sorted(w2i[w] for w in o_wnids)
     expected_id = [e for e in res.entries if e.wnid in set(o_wnids)]
     assert [e.relpath for e in spec.id_files] == [e.relpath for e in expected_id] and expected_id
-    assert [spec.class_wnids[l] for l in spec.id_labels] == [e.wnid for e in spec.id_files]
+    assert [spec.class_wnids[lab] for lab in spec.id_labels] == [e.wnid for e in spec.id_files]
     assert len(spec.ood_files) == 200
     ds = ImageFileDataset(spec.id_root, spec.id_files[:4], TF, thumb_size=16, image_shape=SHAPE)
     assert all(ds[i]["ok"] for i in range(len(ds)))

@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from oodcore import thumbs
-from oodcore.datasets import ImageFileDataset, scan_image_folder
-from oodcore.extract import done_chunks, run_pass
-from oodcore.imagenet_classes import imagenet_wnids
-from oodcore.pipeline import extract_split
+from oodcore.data.dataset import ImageFileDataset
+from oodcore.data.folders import scan_image_folder
+from oodcore.data.imagenet import imagenet_wnids
+from oodcore.extraction.passes import done_chunks, run_pass
+from oodcore.extraction.pipeline import extract_split
+from oodcore.store import thumbs
 
 
 class TinyBundle:
@@ -19,7 +20,9 @@ class TinyBundle:
 
     def __init__(self):
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        ).eval()
         self.head = torch.nn.Linear(4, 1000).eval()
 
     def features(self, x):

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from oodcore import methods as M
-from oodcore.data import OdinGrid
+from oodcore import detectors as M
+from oodcore.store.rundata import OdinGrid
 from tests.helpers import make_data
 
 LOGITS_ID = [[4.0, 1.0, 0.0], [2.0, 2.0, 1.0]]

@@ -8,17 +8,30 @@ import math
 import numpy as np
 import pytest
 
-from oodcore import cache
-from oodcore import methods as M
-from oodcore import methods_distance as MD
-from oodcore import methods_features as MF
-from oodcore import methods_logits as ML
-from oodcore.data import SplitArrays
-from oodcore.metrics import compute_metrics
+from oodcore import detectors as M
+from oodcore.detectors import features as MF
+from oodcore.detectors import fitting as FIT
+from oodcore.detectors import logits as ML
+from oodcore.detectors import numerics as NUM
+from oodcore.evaluation.metrics import compute_metrics
+from oodcore.store import cache
+from oodcore.store.rundata import SplitArrays
 from tests.helpers import make_data
 
-ZOO = ["entropy", "gen", "kl_matching", "temp_scaling", "react", "dice", "gradnorm", "vim", "she",
-       "mahalanobis", "rel_mahalanobis", "knn"]
+ZOO = [
+    "entropy",
+    "gen",
+    "kl_matching",
+    "temp_scaling",
+    "react",
+    "dice",
+    "gradnorm",
+    "vim",
+    "she",
+    "mahalanobis",
+    "rel_mahalanobis",
+    "knn",
+]
 
 
 def naive_softmax(row):
@@ -29,8 +42,12 @@ def naive_softmax(row):
 def split_of(logits, features=None, labels=None):
     logits = np.asarray(logits, float)
     labels = logits.argmax(1) if labels is None else np.asarray(labels)
-    return SplitArrays(logits, None if features is None else np.asarray(features), labels,
-                       np.asarray([f"x/{i}" for i in range(len(logits))]))
+    return SplitArrays(
+        logits,
+        None if features is None else np.asarray(features),
+        labels,
+        np.asarray([f"x/{i}" for i in range(len(logits))]),
+    )
 
 
 def feature_data(seed=0, n_fit=300, n_id=40, n_ood=30, k=3, d=6, ood_shift=2.5):
@@ -47,17 +64,17 @@ def feature_data(seed=0, n_fit=300, n_id=40, n_ood=30, k=3, d=6, ood_shift=2.5):
     f_fit, y_fit = blob(n_fit, rng.integers(0, k, n_fit))
     f_id, y_id = blob(n_id, rng.integers(0, k, n_id))
     f_ood, _ = blob(n_ood, rng.integers(0, k, n_ood), ood_shift)
-    data = make_data(f_id @ w.T + b, f_ood @ w.T + b, f_id, f_ood,
-                     head_weight=w, head_bias=b, fit=split_of(f_fit @ w.T + b, f_fit, y_fit))
+    data = make_data(
+        f_id @ w.T + b,
+        f_ood @ w.T + b,
+        f_id,
+        f_ood,
+        head_weight=w,
+        head_bias=b,
+        fit=split_of(f_fit @ w.T + b, f_fit, y_fit),
+    )
     data.id.labels[:] = y_id
     return data
-
-
-@pytest.fixture(autouse=True)
-def fresh_memo():
-    ML.MEMO.clear()
-    yield
-    ML.MEMO.clear()
 
 
 # ----------------------------------------------------------------------------- logits only
@@ -94,7 +111,9 @@ def test_gen_exact_when_the_softmax_saturates():
 
 
 def test_kl_matching_formula():
-    fit_logits = np.array([[3.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.5, 2.0, 0.0]])  # class 2 never predicted
+    fit_logits = np.array(
+        [[3.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.5, 2.0, 0.0]]
+    )  # class 2 never predicted
     data = make_data([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], [[0.2, 0.1, 0.0]], fit=split_of(fit_logits))
     probs = np.array([naive_softmax(r) for r in fit_logits])
     templates = {c: probs[probs.argmax(1) == c].mean(0) for c in (0, 1)}
@@ -103,7 +122,7 @@ def test_kl_matching_formula():
         p = naive_softmax(row)
         expected = min(np.sum(p * np.log(p / d)) for d in templates.values())
         assert s == pytest.approx(expected, rel=1e-5, abs=1e-6)  # the cross term is a float32 product
-    state = ML.kl_templates(data)
+    state = M.get("kl_matching").state(data)
     assert list(state["classes"]) == [0, 1]
 
 
@@ -125,8 +144,11 @@ def test_temp_scaling_recovers_a_known_temperature():
 
 
 def test_temp_scaling_is_tie_free_where_msp_saturates():
-    data = make_data([[80.0, 0.0, 0.0], [90.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]],
-                     fit=split_of([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], labels=[0, 1]))
+    data = make_data(
+        [[80.0, 0.0, 0.0], [90.0, 0.0, 0.0]],
+        [[1.0, 0.0, 0.0]],
+        fit=split_of([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], labels=[0, 1]),
+    )
     s_id, s_ood = M.get("temp_scaling").score_id_ood(data)
     t = ML.fitted_temperature(data)
     assert s_id[1] < s_id[0] < s_ood[0]
@@ -135,7 +157,7 @@ def test_temp_scaling_is_tie_free_where_msp_saturates():
 
 def test_softmax_parts_stay_exact_beyond_float_underflow():
     z = np.array([[1000.0, 0.0, -5.0], [3.0, 1.0, 2.0], [5.0, 5.0, 1.0]])
-    parts = ML.softmax_parts(z)
+    parts = NUM.softmax_parts(z)
     assert parts["log_rest"][0] == pytest.approx(-1000.0 + math.log1p(math.exp(-5.0)), rel=1e-12)
     for row, lr in zip(z[1:], parts["log_rest"][1:]):
         assert lr == pytest.approx(math.log(1 - naive_softmax(row).max()), rel=1e-12)
@@ -162,7 +184,7 @@ def test_react_clips_at_the_fit_percentile_then_energy():
         for split, s in ((data.id, s_id), (data.ood, s_ood)):
             expected = energy(np.minimum(split.features, c) @ data.head_weight.T + data.head_bias)
             assert s == pytest.approx(expected, rel=1e-5)
-    assert MF.react_threshold(data, 100.0) == data.fit.features.max()
+    assert M.get("react").state(data, p=100.0)["clip"] == data.fit.features.max()
 
 
 def test_dice_masks_the_smallest_contributions_on_a_tiny_head():
@@ -176,7 +198,7 @@ def test_dice_masks_the_smallest_contributions_on_a_tiny_head():
     mask = np.array([[1, 0, 1], [0, 1, 0]])
     s_id, _ = M.get("dice").score_id_ood(data, p=50.0)
     assert s_id == pytest.approx(energy(f @ (w * mask).T + b), rel=1e-6)
-    assert np.array_equal(MF.dice_weights(data, 50.0) != 0, mask.astype(bool))
+    assert np.array_equal(M.get("dice").state(data, p=50.0)["w"] != 0, mask.astype(bool))
     s0, _ = M.get("dice").score_id_ood(data, p=0.0)  # p = 0 drops only the single smallest contribution
     assert s0 == pytest.approx(energy(f @ (w * np.array([[1, 0, 1], [1, 1, 1]])).T + b), rel=1e-6)
 
@@ -211,9 +233,9 @@ def test_vim_explicit():
             expected = vlogit + energy(split.features @ w.T + b)
             got = M.get("vim").score(data, split, dim=dim)  # residuals are projected in float32
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-5 * np.abs(expected).max())
-        assert MF.vim_state(data, dim)["alpha"] == pytest.approx(alpha, rel=1e-5)
+        assert M.get("vim").state(data, dim=dim)["alpha"] == pytest.approx(alpha, rel=1e-5)
     assert MF.vim_default_dim(2048) == 1000 and MF.vim_default_dim(768) == 512 and MF.vim_default_dim(64) == 32
-    assert MF.vim_state(data, 0)["dim"] == 4  # auto: D / 2
+    assert M.get("vim").state(data, dim=0)["dim"] == 4  # auto: D / 2
 
 
 @pytest.mark.parametrize("shape,rank", [((3, 7), 3), ((7, 3), 3), ((4, 7), 2)])
@@ -241,7 +263,7 @@ def test_she_falls_back_when_a_class_has_no_correct_fit_row():
     labels[fit.preds == 2] = 0  # no fit row is now correctly classified as class 2 ...
     labels[(fit.preds != 2) & (labels == 2)] = 2  # ... but class 2 still has labelled rows
     data.fit = dataclasses.replace(fit, labels=labels)
-    state = MF.she_patterns(data)
+    state = M.get("she").state(data)
     assert list(state["fallback"]) == [2]
     assert np.allclose(state["patterns"][2], fit.features[labels == 2].mean(0))
 
@@ -361,94 +383,145 @@ def test_fitting_is_memoised_across_slider_moves(demo):
     for p in (70.0, 90.0, 70.0):
         M.get("react").score_id_ood(demo, p=p)
         M.get("dice").score_id_ood(demo, p=p)
-    calls = ML.MEMO.calls
+    calls = FIT.context_of(demo).calls
     assert calls["knn"] == 1 and calls["vim_basis"] == 1 and calls["fit_moments"] == 1
     assert calls["mahalanobis"] == 1 and calls["rel_mahalanobis"] == 1 and calls["temp_scaling"] == 1
-    assert calls["kl_matching"] == 1 and calls["she"] == 1 and calls["dice_mean"] == 1
-    assert calls["vim"] == 2  # one residual basis per distinct D' (0 = auto = 32 here); one shared eigh
+    assert calls["kl_matching"] == 1 and calls["she"] == 1 and calls["fit_mean"] == 1
+    assert calls["class_gaussian"] == 1  # shared by Mahalanobis and relative Mahalanobis
+    assert calls["vim"] == 3  # one residual basis per distinct D' setting (0, 8, 32); one shared eigh
     assert calls["react"] == 2 and calls["dice"] == 2  # one percentile per distinct p
-    assert calls["mahalanobis_rows"] == 2  # min_k MD_k of the ID and the OOD rows, shared with rel_mahalanobis
 
 
 def _states(data):
     return {
-        "T": ML.fitted_temperature(data), "kl": ML.kl_templates(data)["log_d"], "react": MF.react_threshold(data, 90.0),
-        "dice": MF.dice_weights(data, 90.0), "vim": MF.vim_state(data)["residual"], "alpha": MF.vim_state(data)["alpha"],
-        "she": MF.she_patterns(data)["patterns"], "md": MD.class_gaussian(data)["L"], "rmd": MD.background_gaussian(data)["L"],
-        "knn": MD.knn_bank(data),
+        "T": ML.fitted_temperature(data),
+        "kl": M.get("kl_matching").state(data)["log_d"],
+        "react": M.get("react").state(data, p=90.0)["clip"],
+        "dice": M.get("dice").state(data, p=90.0)["w"],
+        "vim": M.get("vim").state(data)["residual"],
+        "alpha": M.get("vim").state(data)["alpha"],
+        "she": M.get("she").state(data)["patterns"],
+        "md": M.get("mahalanobis").state(data)["L"],
+        "rmd": M.get("rel_mahalanobis").state(data)["background"]["L"],
+        "knn": M.get("knn").state(data)["inv_norm"],
     }
 
 
 def test_fitting_never_reads_the_id_eval_or_ood_rows(demo):
     before = _states(demo)
-    calls = dict(ML.MEMO.calls)
-    # the same fit arrays with other ID-eval/OOD rows: every fitted state is reused as is
+    calls = dict(FIT.context_of(demo).calls)
+    # the same run with other ID-eval/OOD rows: every fitted state is reused as is
     poisoned = dataclasses.replace(
         demo,
         id=dataclasses.replace(demo.id, features=np.full_like(demo.id.features, np.nan), logits=-demo.id.logits),
         ood=dataclasses.replace(demo.ood, features=demo.ood.features[:3] * 100, logits=demo.ood.logits[:3]),
     )
     after = _states(poisoned)
-    assert dict(ML.MEMO.calls) == calls
+    assert dict(FIT.context_of(poisoned).calls) == calls
     assert all(after[k] is before[k] for k in before)
     # refitted from scratch next to poisoned ID/OOD rows: the same values
-    ML.MEMO.clear()
-    refit = _states(poisoned)
+    refit = _states(dataclasses.replace(poisoned, states={}))
     for key, value in before.items():
         assert np.array_equal(np.asarray(refit[key]), np.asarray(value)), key
 
 
-def test_memo_is_keyed_on_the_fit_arrays_themselves():
-    data = feature_data(seed=1)
-    first = MD.knn_bank(data)
-    other = feature_data(seed=2)
-    assert MD.knn_bank(other) is not first and ML.MEMO.calls["knn"] == 2
-    data.fit = dataclasses.replace(data.fit, features=data.fit.features.copy())  # a new array object: refit
-    assert np.array_equal(MD.knn_bank(data), first) and ML.MEMO.calls["knn"] == 3
-    n = len(ML.MEMO)
-    del other
-    import gc
+def test_fitted_state_lives_on_the_run_not_in_a_global_memo():
+    data, other = feature_data(seed=1), feature_data(seed=2)
+    first = M.get("knn").state(data)
+    assert M.get("knn").state(data) is first  # once per run
+    assert M.get("knn").state(other) is not first and not np.array_equal(
+        M.get("knn").state(other)["inv_norm"], first["inv_norm"]
+    )
+    assert FIT.context_of(data).calls["knn"] == 1 and FIT.context_of(other).calls["knn"] == 1
+    # a slider over a scoring parameter (k) never refits; a fit parameter (ReAct's p) fits once per value
+    for k in (1, 5, 1):
+        M.get("knn").score_id_ood(data, k=k)
+    for p in (80.0, 90.0, 80.0):
+        M.get("react").score_id_ood(data, p=p)
+    assert FIT.context_of(data).calls["knn"] == 1 and FIT.context_of(data).calls["react"] == 2
 
-    gc.collect()
-    assert len(ML.MEMO) < n  # entries die with their fit arrays
+
+def test_a_new_image_is_scored_with_the_runs_state(demo):
+    """score(state, rows) on one new row equals the cached row's score (the contract has no cached-split path)."""
+    rows = SplitArrays(demo.ood.logits[5:6].copy(), demo.ood.features[5:6].copy(), np.array([-1]), np.array(["new"]))
+    scored = 0
+    for method in M.available_methods(demo):
+        if method.trained_on_ood:
+            continue
+        params = method.defaults()
+        expected = method.score(demo, demo.ood, **params)[5]
+        assert method.score(demo, rows, **params)[0] == pytest.approx(expected, rel=1e-4, abs=1e-6), method.name
+        scored += 1
+    assert scored == len([m for m in M.REGISTRY.values() if m.available(demo)])
 
 
 # ----------------------------------------------------------------------------- export
 
 
 def test_export_writes_plain_arrays_and_the_registry_scores(demo_cache, tmp_path):
-    from oodcore.cli import main
+    from oodcore.cli.main import main
 
     out = tmp_path / "exp" / "demo.npz"
-    assert main(["export", "--benchmark", "demo", "--arch", "digits_cnn", "--npz", str(out),
-                 "--cache-dir", str(demo_cache)]) == 0
+    assert (
+        main(
+            ["export", "--benchmark", "demo", "--arch", "digits_cnn", "--npz", str(out), "--cache-dir", str(demo_cache)]
+        )
+        == 0
+    )
     data = cache.load_benchmark(demo_cache, "demo", "digits_cnn")
     n_id, n_ood, n_fit, k, d = len(data.id), len(data.ood), len(data.fit), data.n_classes, data.id.features.shape[1]
     with np.load(out, allow_pickle=False) as z:
         arrays = {key: z[key] for key in z.files}
-    shapes = {"logits_id": (n_id, k), "logits_ood": (n_ood, k), "features_id": (n_id, d), "features_ood": (n_ood, d),
-              "features_fit": (n_fit, d), "fc_weight": (k, d), "fc_bias": (k,)}
+    shapes = {
+        "logits_id": (n_id, k),
+        "logits_ood": (n_ood, k),
+        "features_id": (n_id, d),
+        "features_ood": (n_ood, d),
+        "features_fit": (n_fit, d),
+        "fc_weight": (k, d),
+        "fc_bias": (k,),
+    }
     for key, shape in shapes.items():
         assert arrays[key].shape == shape and arrays[key].dtype == np.float32, key
     assert arrays["labels_fit"].shape == (n_fit,) and arrays["labels_id"].shape == (n_id,)
     assert np.array_equal(arrays["labels_id"], data.id.labels) and np.array_equal(arrays["logits_id"], data.id.logits)
     side = json.loads(out.with_suffix(".json").read_text())
     assert (side["n_id"], side["n_ood"], side["n_fit"]) == (n_id, n_ood, n_fit)
-    assert side["protocol"] == data.protocol and side["class_ids"] == data.class_ids and side["class_names"] == data.class_names
+    assert (
+        side["protocol"] == data.protocol
+        and side["class_ids"] == data.class_ids
+        and side["class_names"] == data.class_names
+    )
     assert side["fitted"]["temp_scaling"]["T"] == pytest.approx(ML.fitted_temperature(data))
     names = [m.name for m in M.available_methods(data)]
     assert set(ZOO) <= set(names) and set(side["methods"]) == set(names)
     for name in names:
         method = M.get_for(data, name) if hasattr(M, "get_for") else M.get(name)
         s_id, s_ood = method.score_id_ood(data)
-        assert np.array_equal(arrays[f"scores_{name}_id"], s_id) and np.array_equal(arrays[f"scores_{name}_ood"], s_ood), name
+        assert np.array_equal(arrays[f"scores_{name}_id"], s_id) and np.array_equal(
+            arrays[f"scores_{name}_ood"], s_ood
+        ), name
         assert side["methods"][name]["params"] == method.defaults()
 
 
 def test_export_of_a_missing_benchmark_is_a_clear_error(tmp_path, capsys):
-    from oodcore.cli import main
+    from oodcore.cli.main import main
 
-    assert main(["export", "--benchmark", "nope", "--arch", "x", "--npz", str(tmp_path / "x.npz"),
-                 "--cache-dir", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--benchmark",
+                "nope",
+                "--arch",
+                "x",
+                "--npz",
+                str(tmp_path / "x.npz"),
+                "--cache-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "no cached run" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()

@@ -1,4 +1,4 @@
-"""oodcore.metrics against scikit-learn: point metrics, weighted core, bootstrap, curves.
+"""oodcore.evaluation.metrics against scikit-learn: point metrics, weighted core, bootstrap, curves.
 
 scikit-learn is the reference because it is what readers of the numbers will compare
 against; exactness (not just closeness) matters for fpr95, which is a step function.
@@ -8,10 +8,15 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
-from oodcore import metrics as M
-from oodcore.metrics import (
+from oodcore.evaluation import metrics as M
+from oodcore.evaluation.metrics import (
     LOWER_IS_BETTER,
     METRIC_LABELS,
     METRIC_NAMES,

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from oodcore import models as M
+from oodcore.models import bundle as MB
+from oodcore.models import families as MF
+from oodcore.models import registry as M
+from oodcore.models import weights as MW
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,11 +61,13 @@ def lite0_top1(shared_dir, lite0):
     return right, top1(wrong_mean, wrong_std)
 
 
+@pytest.mark.slow
 def test_lite0_top1_on_imagenet_sample(lite0_top1):
     right, _ = lite0_top1
     assert right >= 0.85, right
 
 
+@pytest.mark.slow
 def test_lite0_wrong_normalisation_is_clearly_worse(lite0_top1):
     right, wrong = lite0_top1
     assert right - wrong >= 0.05, (right, wrong)
@@ -107,16 +112,16 @@ def test_lite0_mapping_fails_loudly():
 
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    assert len(M._map_lukemelas_to_timm(src, model)) == len(src)
+    assert len(MF._map_lukemelas_to_timm(src, model)) == len(src)
     missing = dict(src)
     missing.pop("_blocks.3._bn1.running_var")
     with pytest.raises(ValueError, match="source tensors"):
-        M._map_lukemelas_to_timm(missing, model)
+        MF._map_lukemelas_to_timm(missing, model)
     keys = list(src)
     i, j = keys.index("_blocks.1._expand_conv.weight"), keys.index("_blocks.1._depthwise_conv.weight")
     keys[i], keys[j] = keys[j], keys[i]
     with pytest.raises(ValueError, match="mapping failed"):
-        M._map_lukemelas_to_timm({k: src[k] for k in keys}, model)
+        MF._map_lukemelas_to_timm({k: src[k] for k in keys}, model)
 
 
 # --------------------------------------------------------------------------- head/feature split, random weights
@@ -127,8 +132,10 @@ def test_lite0_mapping_fails_loudly():
     [
         ("resnet18", 512, torch.nn.Linear),  # timm ResNet (resnet50/101/152, resnext family)
         ("tv:resnet18", 512, torch.nn.Linear),  # torchvision, via forward hook
-        ("vgg11", 4096, torch.nn.Linear),  # timm VGG: pre_logits ConvMlp, head.fc Linear (vgg16 family)
-        ("dpn68", 832, M._ConvAsLinear),  # timm DPN: 1x1-conv classifier -> equivalent Linear (dpn98 family)
+        pytest.param(
+            "vgg11", 4096, torch.nn.Linear, marks=pytest.mark.slow
+        ),  # timm VGG: pre_logits ConvMlp, head.fc Linear (vgg16 family)
+        ("dpn68", 832, MB._ConvAsLinear),  # timm DPN: 1x1-conv classifier -> equivalent Linear (dpn98 family)
         ("deit_tiny_patch16_224", 192, torch.nn.Linear),  # timm ViT (deit_small family)
     ],
 )
@@ -218,7 +225,7 @@ def test_weights_path_refuses_pickle_and_mismatch(tmp_path):
 
 
 def test_offline_pretrained_raises_with_howto():
-    if M._network_reachable(M._hf_endpoint_host()):
+    if MW._network_reachable(MW._hf_endpoint_host()):
         pytest.skip("network is reachable: the offline failure cannot be observed here")
     t0 = time.monotonic()
     with pytest.raises(M.WeightsUnavailableError) as ei:
@@ -231,7 +238,7 @@ def test_offline_pretrained_raises_with_howto():
 
 
 def test_offline_torchvision_raises_with_howto():
-    if M._network_reachable("download.pytorch.org"):
+    if MW._network_reachable("download.pytorch.org"):
         pytest.skip("network is reachable")
     t0 = time.monotonic()
     with pytest.raises(M.WeightsUnavailableError, match=r"torchvision.models.get_model\('resnet50'"):
@@ -255,10 +262,13 @@ def test_pretrained_from_copied_hf_cache_offline(tmp_path, monkeypatch):
     b = M.load_model("resnet18.a1_in1k")
     torch.testing.assert_close(b.head.weight, src.head.weight)
     assert b.identity["weights"] == "timm:resnet18.a1_in1k"
-    assert b.identity["weights_sha256"] == M._sha256(snap / "model.safetensors")
+    assert b.identity["weights_sha256"] == MW._sha256(snap / "model.safetensors")
 
 
-@pytest.mark.parametrize("bad, expect", [("resnet5O", "resnet50"), ("efficientnet_lite", "efficientnet_lite0"), ("tv:resnt50", "tv:resnet50")])
+@pytest.mark.parametrize(
+    "bad, expect",
+    [("resnet5O", "resnet50"), ("efficientnet_lite", "efficientnet_lite0"), ("tv:resnt50", "tv:resnet50")],
+)
 def test_unknown_name_suggests(bad, expect):
     with pytest.raises(ValueError, match="Did you mean") as ei:
         M.load_model(bad)

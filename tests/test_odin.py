@@ -1,20 +1,32 @@
 """ODIN's perturbation: direction, std scaling, and the fast grid equal to the textbook loop."""
 
 import numpy as np
-import pytest
 import torch
 
-from oodcore.odin import gradient_sign, odin_grid_batch, odin_naive_point, perturb
+from oodcore.extraction.odin import (
+    gradient_sign,
+    odin_grid_batch,
+    odin_naive_point,
+    perturb,
+)
 
 STD = (0.5, 0.25, 1.0)
 
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(16, 5),
-    ).eval().requires_grad_(False).double()
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 5),
+        )
+        .eval()
+        .requires_grad_(False)
+        .double()
+    )
 
 
 def test_perturbation_raises_tempered_softmax_of_predicted_class():

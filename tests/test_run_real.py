@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from oodcore import cache
-from oodcore.cli import main
-from oodcore.imagenet_classes import wnid_to_index
+from oodcore.cli.main import main
+from oodcore.data.imagenet import wnid_to_index
+from oodcore.store import cache
+
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def layout(shared_dir, tmp_path_factory):
 
 def plain_logits(paths, mask):
     """The independent computation: PIL + the model's transform + forward, no engine code."""
-    from oodcore.models import load_model
+    from oodcore.models.registry import load_model
 
     bundle = load_model("efficientnet_lite0")
     out = []
@@ -62,9 +64,31 @@ def plain_logits(paths, mask):
 def test_run_imagenet_o_protocol_matches_plain_loop(layout, tmp_path, capsys):
     id_dir, ood_dir, o_wnids = layout
     out_json = tmp_path / "r.json"
-    rc = main(["run", "--arch", "efficientnet_lite0", "--id-dir", str(id_dir), "--ood-dir", str(ood_dir),
-               "--protocol", "imagenet-o", "--cache-dir", str(tmp_path / "cache"), "--json", str(out_json),
-               "--workers", "2", "--batch-size", "32", "--bootstrap", "0", "--name", "sample"])
+    rc = main(
+        [
+            "run",
+            "--arch",
+            "efficientnet_lite0",
+            "--id-dir",
+            str(id_dir),
+            "--ood-dir",
+            str(ood_dir),
+            "--protocol",
+            "imagenet-o",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--json",
+            str(out_json),
+            "--workers",
+            "2",
+            "--batch-size",
+            "32",
+            "--bootstrap",
+            "0",
+            "--name",
+            "sample",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "empty.JPEG" in captured.err and "notes.JPEG" in captured.err  # skipped and reported
@@ -107,12 +131,29 @@ def test_run_imagenet_o_protocol_matches_plain_loop(layout, tmp_path, capsys):
 def test_rerun_is_served_from_cache_and_a_changed_file_invalidates_it(layout, tmp_path, monkeypatch):
     id_dir, ood_dir, _ = layout
     root = tmp_path / "cache"
-    argv = ["run", "--arch", "efficientnet_lite0", "--id-dir", str(id_dir), "--ood-dir", str(ood_dir),
-            "--cache-dir", str(root), "--limit", "12", "--workers", "0", "--bootstrap", "0", "--name", "small"]
+    argv = [
+        "run",
+        "--arch",
+        "efficientnet_lite0",
+        "--id-dir",
+        str(id_dir),
+        "--ood-dir",
+        str(ood_dir),
+        "--cache-dir",
+        str(root),
+        "--limit",
+        "12",
+        "--workers",
+        "0",
+        "--bootstrap",
+        "0",
+        "--name",
+        "small",
+    ]
     assert main(argv) == 0
     first = cache.read_run(root, "small", "efficientnet_lite0")
 
-    import oodcore.pipeline as pipeline
+    import oodcore.extraction.pipeline as pipeline
 
     def boom(*a, **k):
         raise AssertionError("extraction ran although nothing changed")

@@ -15,16 +15,22 @@ import numpy as np
 import pytest
 import torch
 
-from oodcore import cache, flows as F, jobs, methods as M
-from oodcore.cli import main
-from oodcore.metrics import compute_metrics
-from oodcore.splits import ood_split
+from oodcore import detectors as M
+from oodcore.cli.main import main
+from oodcore.data.splits import ood_split
+from oodcore.evaluation.metrics import compute_metrics
+from oodcore.store import cache
+from oodcore.training import config as train_config
+from oodcore.training import files as job_files
+from oodcore.training import flows as F
+from oodcore.training import jobs, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"method", "params", "auroc", "aupr_out", "aupr_in", "fpr95", "fpr95_in", "ci", "tuned_on"}
 # a small flow on the demo's 64-d features: a second or two per run
-SMALL_FLOW = dict(kind="flow", benchmark="demo", input="features", mask="halves", width=32, bottleneck=8, layers=4,
-                  epochs=3)
+SMALL_FLOW = dict(
+    kind="flow", benchmark="demo", input="features", mask="halves", width=32, bottleneck=8, layers=4, epochs=3
+)
 
 
 @pytest.fixture
@@ -94,7 +100,9 @@ def test_masks_follow_the_papers():
     assert chk[0][0][0, 0, 0] == 1 and chk[0][0][0, 0, 1] == 0 and torch.equal(chk[1][0], chk[0][1])
     rnd = F.feature_masks("random", 3, 10, seed=0)
     assert all(c.sum() == 5 and torch.equal(c + t, torch.ones(10)) for c, t in rnd)
-    assert not torch.equal(rnd[0][0], rnd[1][0]) and torch.equal(rnd[0][0], F.feature_masks("random", 3, 10, seed=0)[0][0])
+    assert not torch.equal(rnd[0][0], rnd[1][0]) and torch.equal(
+        rnd[0][0], F.feature_masks("random", 3, 10, seed=0)[0][0]
+    )
 
 
 def test_pixel_density_is_a_discrete_bits_per_dim():
@@ -115,7 +123,7 @@ def test_pixel_density_is_a_discrete_bits_per_dim():
 
 
 def test_energy_finetuning_beats_the_untuned_energy_on_held_out(cache_copy):
-    status = jobs.run_job(cache_copy, jobs.TrainConfig(kind="energy", benchmark="demo", epochs=2), n_boot=0)
+    status = jobs.run_job(cache_copy, train_config.TrainConfig(kind="energy", benchmark="demo", epochs=2), n_boot=0)
     assert status["state"] == "done"
     result = status["result"]
     data = cache.load_benchmark(cache_copy, "demo", "digits_cnn")
@@ -126,20 +134,22 @@ def test_energy_finetuning_beats_the_untuned_energy_on_held_out(cache_copy):
     assert result["auroc"] > untuned["auroc"] + 0.01, (result["auroc"], untuned["auroc"])
     # published: the report scores it on the held-out rows only, like every detector trained with OOD data
     assert "energy_ft" in data.trained and data.trained["energy_ft"].meta["label"].startswith("Energy FT (whole CNN")
-    from oodcore.evaluation import evaluate_run
+    from oodcore.evaluation.report import evaluate_run
 
     row = evaluate_run(data, ["energy_ft"], n_boot=0)["results"][0]
-    assert row["n_ood_scored"] == len(split.heldout) and row["tuned_on"] and row["auroc"] == pytest.approx(result["auroc"])
+    assert (
+        row["n_ood_scored"] == len(split.heldout) and row["tuned_on"] and row["auroc"] == pytest.approx(result["auroc"])
+    )
     meta = data.trained["energy_ft"].meta
     assert meta["m_in"] < meta["m_out"] and "exposure" in meta["split"] and meta["options"]["epochs"] == 2
 
 
 def test_energy_head_starts_from_the_cached_head(cache_copy):
     """Epoch 0 of the head fine-tuning reproduces the untuned Energy exactly (same model, same rows)."""
-    from oodcore.train_energy import build_energy_task
+    from oodcore.training.energy import build_energy_task
 
     data = cache.load_benchmark(cache_copy, "demo", "digits_cnn")
-    cfg = jobs.resolve(jobs.TrainConfig(kind="energy", benchmark="demo", input="features"), data.meta)
+    cfg = train_config.resolve(train_config.TrainConfig(kind="energy", benchmark="demo", input="features"), data.meta)
     task = build_energy_task(cfg, data, cache_copy)
     with torch.no_grad():
         s_id, s_ood = task.score()
@@ -151,7 +161,7 @@ def test_energy_head_starts_from_the_cached_head(cache_copy):
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cache_copy, monkeypatch):
-    from oodcore import train_flow
+    from oodcore.training import flow as train_flow
 
     real_loss, calls = train_flow.FlowTask.loss, {"n": 0}
 
@@ -163,48 +173,49 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(cache_copy, monkeypa
         return total, a, b
 
     monkeypatch.setattr(train_flow.FlowTask, "loss", loss_with_nan)
-    status = jobs.run_job(cache_copy, jobs.TrainConfig(**SMALL_FLOW), n_boot=0)
+    status = jobs.run_job(cache_copy, train_config.TrainConfig(**SMALL_FLOW), n_boot=0)
     assert status["state"] == "done"
     reason = status["stopped_early"]
     assert "non-finite loss" in reason and "epoch 2, step 3" in reason and "last good checkpoint (epoch 1)" in reason
-    folder = jobs.job_dir(cache_copy, "demo", "digits_cnn", status["job_id"])
-    assert jobs.checkpoint_epoch(folder) == 1
-    result = json.loads((folder / jobs.RESULT_FILE).read_text())
+    folder = job_files.job_dir(cache_copy, "demo", "digits_cnn", status["job_id"])
+    assert job_files.checkpoint_epoch(folder) == 1
+    result = json.loads((folder / job_files.RESULT_FILE).read_text())
     assert result["stopped_early"] == reason and result["epochs_done"] == 1
     # the published scores are those of the epoch-1 checkpoint, and finite
     data = cache.load_benchmark(cache_copy, "demo", "digits_cnn")
     trained = data.trained[status["result"]["name"]]
     assert trained.meta["stopped_early"] == reason and np.isfinite(trained.id).all()
-    from oodcore.train_flow import build_flow_task
+    from oodcore.training.flow import build_flow_task
 
-    task = build_flow_task(jobs.TrainConfig.from_dict(result["options"]), data, cache_copy)
-    jobs.load_checkpoint(folder, task.model)
+    task = build_flow_task(train_config.TrainConfig.from_dict(result["options"]), data, cache_copy)
+    job_files.load_checkpoint(folder, task.model)
     with torch.no_grad():
         s_id, _ = task.score()
     assert np.allclose(s_id, trained.id, atol=1e-6)
-    assert "stopped early" in json.loads((folder / jobs.STATUS_FILE).read_text())["message"]
+    assert "stopped early" in json.loads((folder / job_files.STATUS_FILE).read_text())["message"]
 
 
+@pytest.mark.slow
 def test_cancel_then_resume_matches_an_uninterrupted_run(cache_copy, tmp_path, demo_cache):
-    cfg = jobs.TrainConfig(**SMALL_FLOW, ood_objective=True)
-    folder_of = lambda st: jobs.job_dir(cache_copy, "demo", "digits_cnn", st["job_id"])  # noqa: E731
+    cfg = train_config.TrainConfig(**SMALL_FLOW, ood_objective=True)
+    folder_of = lambda st: job_files.job_dir(cache_copy, "demo", "digits_cnn", st["job_id"])  # noqa: E731
 
     def cancel_after_epoch_1(event, status):
         if event == "epoch" and status["epoch"] == 1:
-            jobs.request_cancel(cache_copy, "demo", "digits_cnn", status["job_id"])
+            job_files.request_cancel(cache_copy, "demo", "digits_cnn", status["job_id"])
 
     first = jobs.run_job(cache_copy, cfg, progress=cancel_after_epoch_1, n_boot=0)
     assert first["state"] == "cancelled" and "epoch 1 is kept" in first["message"]
     folder = folder_of(first)
-    assert jobs.checkpoint_epoch(folder) == 1 and (folder / jobs.OPTIMIZER_FILE).is_file()
-    assert not (folder / jobs.CANCEL_FILE).exists() and jobs.read_lock(cache_copy) is None
-    assert jobs.read_status(folder)["state"] == "cancelled"
+    assert job_files.checkpoint_epoch(folder) == 1 and (folder / job_files.OPTIMIZER_FILE).is_file()
+    assert not (folder / job_files.CANCEL_FILE).exists() and job_files.read_lock(cache_copy) is None
+    assert job_files.read_status(folder)["state"] == "cancelled"
     assert not any(f.suffix == ".pkl" for f in folder.iterdir())
 
     resumed = jobs.run_job(cache_copy, cfg, n_boot=0)  # the same options again: resumes automatically
     assert resumed["state"] == "done" and resumed["resumed_from"] == 1 and resumed["job_id"] == first["job_id"]
     assert resumed["result"]["epochs_done"] == 3
-    log = jobs.read_loss(folder)
+    log = job_files.read_loss(folder)
     assert sorted(log["epoch"].unique()) == [1, 2, 3] and log["global_step"].is_monotonic_increasing
 
     other = tmp_path / "other"
@@ -214,56 +225,71 @@ def test_cancel_then_resume_matches_an_uninterrupted_run(cache_copy, tmp_path, d
     b = cache.load_benchmark(other, "demo", "digits_cnn").trained[straight["result"]["name"]]
     assert np.allclose(a.id, b.id, atol=1e-5) and np.allclose(a.ood, b.ood, atol=1e-5)
 
-    by_id = jobs.run_job(cache_copy, None, resume=first["job_id"], n_boot=0)  # done + --resume: nothing left but scoring
+    by_id = jobs.run_job(
+        cache_copy, None, resume=first["job_id"], n_boot=0
+    )  # done + --resume: nothing left but scoring
     assert by_id["state"] == "done" and by_id["resumed_from"] == 3
     again = jobs.run_job(cache_copy, cfg, n_boot=0)  # a finished job started again trains from scratch
-    assert again["resumed_from"] is None and sorted(jobs.read_loss(folder)["epoch"].unique()) == [1, 2, 3]
+    assert again["resumed_from"] is None and sorted(job_files.read_loss(folder)["epoch"].unique()) == [1, 2, 3]
 
 
+@pytest.mark.subprocess
 def test_lock_refuses_a_second_job_and_takes_over_a_stale_one(cache_copy):
-    jobs.acquire_lock(cache_copy, "someone-else", "demo", "digits_cnn")
+    job_files.acquire_lock(cache_copy, "someone-else", "demo", "digits_cnn")
     try:
-        with pytest.raises(jobs.JobBusy, match="another training job is running.*someone-else"):
-            jobs.run_job(cache_copy, jobs.TrainConfig(**SMALL_FLOW), n_boot=0)
-        with pytest.raises(jobs.JobBusy):
-            jobs.start_job_process(cache_copy, jobs.TrainConfig(**SMALL_FLOW))
+        with pytest.raises(job_files.JobBusy, match="another training job is running.*someone-else"):
+            jobs.run_job(cache_copy, train_config.TrainConfig(**SMALL_FLOW), n_boot=0)
+        with pytest.raises(job_files.JobBusy):
+            launch.start_job_process(cache_copy, train_config.TrainConfig(**SMALL_FLOW))
     finally:
-        jobs.release_lock(cache_copy)
-    assert not jobs.lock_path(cache_copy).exists()
+        job_files.release_lock(cache_copy)
+    assert not job_files.lock_path(cache_copy).exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    jobs.lock_path(cache_copy).write_text(json.dumps({"pid": dead.pid, "job_id": "crashed"}))
-    assert jobs.read_lock(cache_copy) is None  # a dead holder does not count
-    jobs.acquire_lock(cache_copy, "mine", "demo", "digits_cnn")
-    assert json.loads(jobs.lock_path(cache_copy).read_text())["pid"] == os.getpid()
-    jobs.release_lock(cache_copy)
+    job_files.lock_path(cache_copy).write_text(json.dumps({"pid": dead.pid, "job_id": "crashed"}))
+    assert job_files.read_lock(cache_copy) is None  # a dead holder does not count
+    job_files.acquire_lock(cache_copy, "mine", "demo", "digits_cnn")
+    assert json.loads(job_files.lock_path(cache_copy).read_text())["pid"] == os.getpid()
+    job_files.release_lock(cache_copy)
 
 
+@pytest.mark.subprocess
 def test_a_killed_job_reads_as_failed_and_resumes(cache_copy):
-    cfg = jobs.TrainConfig(**{**SMALL_FLOW, "epochs": 2})
+    cfg = train_config.TrainConfig(**{**SMALL_FLOW, "epochs": 2})
     done = jobs.run_job(cache_copy, cfg, n_boot=0)
-    folder = jobs.job_dir(cache_copy, "demo", "digits_cnn", done["job_id"])
+    folder = job_files.job_dir(cache_copy, "demo", "digits_cnn", done["job_id"])
     # pretend the process was SIGKILLed in epoch 2: status still says running, with a dead pid
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    status = json.loads((folder / jobs.STATUS_FILE).read_text())
+    status = json.loads((folder / job_files.STATUS_FILE).read_text())
     status.update(state="running", pid=dead.pid, epoch=1)
-    (folder / jobs.STATUS_FILE).write_text(json.dumps(status))
-    read = jobs.read_status(folder)
+    (folder / job_files.STATUS_FILE).write_text(json.dumps(status))
+    read = job_files.read_status(folder)
     assert read["state"] == "failed" and read["interrupted"] and "start it again to resume" in read["message"]
     again = jobs.run_job(cache_copy, cfg, n_boot=0)
     assert again["state"] == "done" and again["resumed_from"] == 2
 
 
+@pytest.mark.slow
 def test_pixel_flow_with_the_ood_objective_runs_end_to_end(cache_copy):
-    cfg = jobs.TrainConfig(kind="flow", benchmark="demo", input="pixels", mask="cyclic", ood_objective=True,
-                           epochs=1, layers=4, width=4, bottleneck=2, batch_size=64)
+    cfg = train_config.TrainConfig(
+        kind="flow",
+        benchmark="demo",
+        input="pixels",
+        mask="cyclic",
+        ood_objective=True,
+        epochs=1,
+        layers=4,
+        width=4,
+        bottleneck=2,
+        batch_size=64,
+    )
     status = jobs.run_job(cache_copy, cfg, n_boot=0)
     result = status["result"]
     assert status["state"] == "done" and result["name"] == "flow_pixels_cyclic_ood"
     assert result["baseline"]["method"] == "msp" and result["n_ood_scored"] == result["baseline"]["n_ood_scored"]
     assert "OOD exposure" in result["label"] and result["dims"] == 1024 and 0 <= result["auroc"] <= 1
-    log = jobs.read_loss(jobs.job_dir(cache_copy, "demo", "digits_cnn", status["job_id"]))
+    log = job_files.read_loss(job_files.job_dir(cache_copy, "demo", "digits_cnn", status["job_id"]))
     assert (log["ood_term"] >= 0).all() and np.isfinite(log["loss"]).all()
 
 
@@ -272,8 +298,27 @@ def test_pixel_flow_with_the_ood_objective_runs_end_to_end(cache_copy):
 
 def test_cli_train_writes_the_report_fields_and_joins_the_demo_table(cache_copy, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["train", "energy", "--benchmark", "demo", "--input", "features", "--epochs", "2", "--bootstrap", "20",
-                 "--json", str(out), "--cache-dir", str(cache_copy)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "energy",
+                "--benchmark",
+                "demo",
+                "--input",
+                "features",
+                "--epochs",
+                "2",
+                "--bootstrap",
+                "20",
+                "--json",
+                str(out),
+                "--cache-dir",
+                str(cache_copy),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr()
     assert "epoch 2/2 done" in printed.err and "energy_ft_head" in printed.out
     result = json.loads(out.read_text())
@@ -308,23 +353,33 @@ def test_cli_train_rejects_mistakes_clearly(cache_copy, capsys):
 # ------------------------------------------------------------------ the Training page
 
 
-def test_training_page_starts_a_job_shows_progress_and_lists_it(cache_copy, monkeypatch):
+def training_page():
+    """The Training page, opened through the app's navigation as a person would."""
     from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at.switch_page("pages/training.py").run()
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_training_page_starts_a_job_shows_progress_and_lists_it(cache_copy, monkeypatch):
 
     monkeypatch.setenv("OODCORE_CACHE", str(cache_copy))
     monkeypatch.delenv("OODCORE_READONLY", raising=False)
-    at = AppTest.from_file(str(ROOT / "pages" / "training.py"), default_timeout=60).run()
+    at = training_page()
     assert not at.exception, [e.value for e in at.exception]
     assert [s.value for s in at.subheader] == ["Current job", "Start a training run", "Finished runs"]
     assert any("No training job" in i.value for i in at.info)
 
     # a job already running on this cache: starting another one says so
-    jobs.acquire_lock(cache_copy, "someone-else", "demo", "digits_cnn")
+    job_files.acquire_lock(cache_copy, "someone-else", "demo", "digits_cnn")
     try:
         at.button(key="train.start").click().run()
         assert any("another training job is running" in w.value for w in at.warning)
     finally:
-        jobs.release_lock(cache_copy)
+        job_files.release_lock(cache_copy)
 
     at.radio(key="train.input.energy").set_value("features").run()
     at.number_input(key="train.epochs.energy.features").set_value(2).run()
@@ -335,15 +390,15 @@ def test_training_page_starts_a_job_shows_progress_and_lists_it(cache_copy, monk
     assert any(s in text for s in ("**queued**", "**running**", "**done**"))
     deadline = time.time() + 120
     while time.time() < deadline:
-        statuses = jobs.list_jobs(cache_copy, "demo", "digits_cnn")
-        if statuses and statuses[0]["state"] not in jobs.STATES[:2]:
+        statuses = job_files.list_jobs(cache_copy, "demo", "digits_cnn")
+        if statuses and statuses[0]["state"] not in job_files.STATES[:2]:
             break
         time.sleep(0.5)
     assert statuses[0]["state"] == "done", statuses[0].get("message")
-    folder = jobs.job_dir(cache_copy, "demo", "digits_cnn", statuses[0]["job_id"])
-    assert (folder / jobs.LOG_FILE).is_file() and (folder / jobs.LAUNCHER_FILE).is_file()
+    folder = job_files.job_dir(cache_copy, "demo", "digits_cnn", statuses[0]["job_id"])
+    assert (folder / job_files.LOG_FILE).is_file() and (folder / job_files.LAUNCHER_FILE).is_file()
 
-    at = AppTest.from_file(str(ROOT / "pages" / "training.py"), default_timeout=60).run()  # a page reload
+    at = training_page()  # a page reload
     assert not at.exception, [e.value for e in at.exception]
     assert any("**done**" in m.value for m in at.markdown)
     table = at.dataframe[0].value
@@ -356,7 +411,11 @@ def test_training_page_in_readonly_mode_starts_nothing(cache_copy, monkeypatch):
 
     monkeypatch.setenv("OODCORE_CACHE", str(cache_copy))
     monkeypatch.setenv("OODCORE_READONLY", "1")
-    at = AppTest.from_file(str(ROOT / "pages" / "training.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("Read-only" in i.value for i in at.info)
-    assert not [b for b in at.button if b.key == "train.start"]
+    with pytest.raises(ValueError):
+        at.switch_page("pages/training.py")  # not a page of a read-only deployment
+    alone = AppTest.from_file(str(ROOT / "pages" / "training.py"), default_timeout=60).run()
+    assert not alone.exception, [e.value for e in alone.exception]
+    assert not [b for b in alone.button if b.key == "train.start"]
+    assert "/" not in " ".join(i.value for i in alone.info)  # no server path

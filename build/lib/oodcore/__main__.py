@@ -1,0 +1,5 @@
+import sys
+
+from oodcore.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,340 @@
+"""`python -m oodcore ...`: build caches, score methods, print study-style tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from oodcore.store.paths import cache_root
+
+
+class CliError(Exception):
+    """A user mistake: printed as one clear line, exit status 2."""
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $OODCORE_CACHE, else ./cache)")
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
+    p.add_argument("--json", dest="json_file", default=None, help="write the report as JSON to FILE")
+    p.add_argument("--scores-csv", default=None, help="write one row per image with every method's score")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for 95%% CIs (0 = none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from oodcore.data.protocols import PROTOCOLS
+
+    parser = argparse.ArgumentParser(prog="python -m oodcore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "demo",
+        help="build (once) and score the offline digits demo benchmark",
+        description="ID = digits 0-4, OOD = digits 5-9, a small CNN trained here; every method.",
+    )
+    _add_cache(p)
+    _add_report(p)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo cache even if it is current")
+
+    p = sub.add_parser(
+        "run",
+        help="extract and score a real (architecture, ID, OOD, protocol) run",
+        description="One pass per split caches logits, features and thumbnails; methods are scored from the cache.",
+    )
+    p.add_argument(
+        "--arch", required=True, help="model name: efficientnet_lite0 (offline), timm names, or tv:<torchvision name>"
+    )
+    p.add_argument("--id-dir", required=True, help="ID images: <root>/<wnid>/<img>, or the ImageNet root holding val/")
+    p.add_argument("--ood-dir", required=True, help="OOD images, e.g. ImageNet-O as released (<root>/<wnid>/<img>)")
+    p.add_argument(
+        "--protocol", choices=PROTOCOLS, default="imagenet-o", help="class mask and ID selection (default imagenet-o)"
+    )
+    p.add_argument("--name", default=None, help="benchmark name (default: derived from the folders and protocol)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    p.add_argument(
+        "--odin-grid", action="store_true", help="also precompute ODIN on the T x eps grid (needs the network)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="at most N ID and N OOD images (quick look)")
+    p.add_argument("--ood-list", default=None, help="text file of OOD paths to exclude (or keep, see --ood-list-mode)")
+    p.add_argument("--ood-list-mode", choices=("exclude", "keep"), default="exclude")
+    p.add_argument(
+        "--weights", default=None, help="local weights file (safetensors or a state dict) instead of a download"
+    )
+    p.add_argument(
+        "--fit-dir",
+        default=None,
+        help="images for fitted detectors (e.g. an ImageNet train subset); default: a seeded split of --id-dir",
+    )
+    p.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=0.2,
+        help="share of ID images per class held out for fitting when no --fit-dir is given (never evaluated)",
+    )
+    p.add_argument("--no-amp", action="store_true", help="on CUDA, run in float32 instead of mixed precision")
+    _add_cache(p)
+    _add_report(p)
+
+    p = sub.add_parser("list", help="show what is cached")
+    _add_cache(p)
+
+    p = sub.add_parser("methods", help="list the registered methods and their parameters")
+
+    p = sub.add_parser("bench", help="measure the engine against the plain way of doing the same work")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for reporting)")
+    p.add_argument("--json", dest="json_file", default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--images", default=None, help="image folder for the extraction benchmark (default: generated JPEGs)"
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="write a cached run (logits, features, head, every method's scores) to a plain .npz",
+        description="np.savez arrays (load with allow_pickle=False) plus a JSON side file (FILE with a .json suffix).",
+    )
+    p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
+    p.add_argument("--arch", required=True, help="architecture name, as `list` shows it (e.g. digits_cnn)")
+    p.add_argument("--npz", required=True, help="output .npz file")
+    _add_cache(p)
+
+    from oodcore.training.config import add_train_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train a detector on a cached run: energy fine-tuning or a normalizing flow",
+        description="Energy-bounded fine-tuning (Liu et al. 2020) or a RealNVP flow on pixels (demo) "
+        "or cached features; resumable; the detector joins every report, scored on the "
+        "held-out OOD rows. See oodcore/jobs.py.",
+    )
+    add_train_arguments(p)
+    _add_cache(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished chunks are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise CliError(f"{flag} must be at least 1 (got {value})")
+
+
+def _report(data, args) -> int:
+    from oodcore.detectors import MethodUnavailable
+    from oodcore.evaluation.report import (
+        evaluate_run,
+        format_table,
+        method_names,
+        scores_frame,
+    )
+
+    try:
+        names = method_names(args.methods)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    from oodcore.detectors import get
+
+    unavailable = [n for n in names if not get(n).available(data)]
+    names = [n for n in names if n not in unavailable]
+    if args.methods == "all":
+        names += list(data.trained)
+    if args.bootstrap < 0:
+        raise CliError("--bootstrap must be >= 0")
+    try:
+        report = evaluate_run(data, names, n_boot=args.bootstrap)
+    except MethodUnavailable as exc:
+        raise CliError(str(exc)) from None
+    if unavailable:
+        report["unavailable"] = unavailable
+    print(format_table(report))
+    if unavailable:
+        print(f"not scored (the cache lacks what they need): {', '.join(unavailable)}")
+    if args.json_file:
+        Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_file).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json_file}")
+    if args.scores_csv:
+        Path(args.scores_csv).parent.mkdir(parents=True, exist_ok=True)
+        scores_frame(data, names).to_csv(args.scores_csv, index=False)
+        print(f"wrote {args.scores_csv}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from oodcore.extraction import demo
+    from oodcore.store import cache
+
+    root = cache_root(args.cache_dir)
+    if args.rebuild or not demo.is_built(root):
+        print(f"building the demo benchmark under {root} (once; seconds on a CPU)", file=sys.stderr)
+    demo.build_demo(root, force=args.rebuild, progress=_stderr_progress())
+    return _report(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), args)
+
+
+def cmd_run(args) -> int:
+    from oodcore.data.folders import DatasetError
+    from oodcore.extraction.runner import RunOptions, run_study
+    from oodcore.store import cache
+
+    for flag in ("batch_size", "limit"):
+        _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.workers < 0:
+        raise CliError("--workers must be >= 0")
+    for flag in ("id_dir", "ood_dir"):
+        if not Path(getattr(args, flag)).exists():
+            raise CliError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    if not 0 < args.fit_fraction < 1:
+        raise CliError(f"--fit-fraction must be between 0 and 1 (got {args.fit_fraction})")
+    if args.fit_dir and not Path(args.fit_dir).is_dir():
+        raise CliError(f"--fit-dir {args.fit_dir} is not a folder")
+    if args.ood_list and not Path(args.ood_list).is_file():
+        raise CliError(f"--ood-list {args.ood_list} is not a file")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda was asked for but no CUDA device is available")
+    opts = RunOptions(
+        arch=args.arch,
+        id_dir=args.id_dir,
+        ood_dir=args.ood_dir,
+        protocol=args.protocol,
+        name=args.name,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        odin_grid=args.odin_grid,
+        limit=args.limit,
+        ood_list=args.ood_list,
+        ood_list_mode=args.ood_list_mode,
+        weights=args.weights,
+        amp=not args.no_amp,
+        fit_dir=args.fit_dir,
+        fit_fraction=args.fit_fraction,
+    )
+    root = cache_root(args.cache_dir)
+    from oodcore.models.registry import WeightsUnavailableError
+
+    try:
+        benchmark, _ = run_study(opts, root)
+    except (DatasetError, WeightsUnavailableError) as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    data = cache.load_benchmark(root, benchmark, args.arch)
+    if data.meta.get("skipped"):
+        print(f"skipped {len(data.meta['skipped'])} unreadable file(s):", file=sys.stderr)
+        for s in data.meta["skipped"][:20]:
+            print(f"  [{s['split']}] {s['path']}: {s['error']}", file=sys.stderr)
+    for note in data.meta.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"benchmark {benchmark!r} cached under {root}; {data.meta.get('fit_split', '')}")
+    return _report(data, args)
+
+
+def cmd_list(args) -> int:
+    from oodcore.store.cache import list_runs
+
+    root = cache_root(args.cache_dir)
+    runs = list_runs(root)
+    if not runs:
+        print(f"nothing cached under {root} (try `python -m oodcore demo`)")
+        return 0
+    print(f"{'benchmark':<40} {'arch':<26} {'protocol':<18} {'n_id':>7} {'n_ood':>6} {'skipped':>7}  extras")
+    for r in runs:
+        extras = [x for x in ("odin_id", "fit", "head") if x in r["files"]]
+        print(
+            f"{r['benchmark']:<40} {r['arch']:<26} {r['protocol']:<18} {r['n_id']:>7} {r['n_ood']:>6} "
+            f"{len(r.get('skipped', [])):>7}  {','.join(e.replace('odin_id', 'odin-grid') for e in extras)}"
+        )
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from oodcore.detectors import REGISTRY
+
+    for m in REGISTRY.values():
+        params = (
+            ", ".join(f"{p.name}={p.default:g} [{p.low:g}..{p.high:g}, {p.scale}]" for p in m.params) or "no parameters"
+        )
+        print(f"{m.name:<16} {m.label:<21} {params}\n{'':<16} {m.paper}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from oodcore.cli.bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_export(args) -> int:
+    from oodcore.store.cache import CacheMissing, load_benchmark
+    from oodcore.store.export import export_run
+
+    root = cache_root(args.cache_dir)
+    try:
+        data = load_benchmark(root, args.benchmark, args.arch)
+    except (CacheMissing, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    npz, side = export_run(data, args.npz)
+    print(f"wrote {npz} and {side}")
+    return 0
+
+
+def _stderr_progress():
+    state = {"last": None}
+
+    def show(message: str, fraction: float) -> None:
+        line = f"\r{message:<60} {100 * fraction:5.1f}%"
+        if line != state["last"]:
+            print(line, end="", file=sys.stderr, flush=True)
+            state["last"] = line
+        if fraction >= 1:
+            print(file=sys.stderr)
+
+    return show
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "list": cmd_list,
+    "methods": cmd_methods,
+    "bench": cmd_bench,
+    "export": cmd_export,
+}
+
+
+def cmd_train(args) -> int:
+    from oodcore.extraction import demo
+    from oodcore.training.files import JobError
+    from oodcore.training.launch import cli_train
+
+    root = cache_root(args.cache_dir)
+    if args.benchmark == "demo" and not args.resume and not demo.is_built(root):
+        print(f"building the demo benchmark under {root} first (once; seconds on a CPU)", file=sys.stderr)
+        demo.build_demo(root, progress=_stderr_progress())
+    try:
+        return cli_train(args, root)
+    except JobError as exc:
+        raise CliError(str(exc)) from None
+
+
+COMMANDS["train"] = cmd_train

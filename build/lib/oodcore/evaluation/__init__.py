@@ -1,0 +1,1 @@
+"""Metrics, reports and the pure analysis that the explorer's pages show."""

@@ -1,0 +1,206 @@
+"""Memoised reads of the cache for the pages (Streamlit's cache_resource / cache_data) and the sidebar's selection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import streamlit as st
+
+from oodcore import detectors as M
+from oodcore.evaluation.analysis import (
+    honest_vs_naive,
+    metrics_for,
+    odin_auroc_grid,
+    softmax_confidence,
+)
+from oodcore.store import cache as C
+from oodcore.store.rundata import BenchmarkData
+
+
+def run_token(run: dict, root: Path | None = None) -> str:
+    """What identifies a run's content: its key, artifact file names (themselves keyed) and trained detectors."""
+    trained = []
+    if root is not None:
+        try:
+            folder = C.arch_dir(Path(root), run["benchmark"], run["arch"]) / C.TRAINED_DIR
+            trained = sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json"))
+        except (OSError, ValueError):
+            pass
+    return json.dumps({"key": run.get("key"), "files": run.get("files", {}), "trained": trained}, sort_keys=True)
+
+
+@dataclass
+class Selection:
+    """The benchmark/architecture picked in the sidebar."""
+
+    root: Path
+    run: dict
+    runs: list[dict] = field(default_factory=list)  # every run of this benchmark (all architectures)
+
+    @property
+    def benchmark(self) -> str:
+        return self.run["benchmark"]
+
+    @property
+    def arch(self) -> str:
+        return self.run["arch"]
+
+    def data(self, run: dict | None = None) -> BenchmarkData:
+        """The run's arrays; a run whose files vanished or broke becomes a message, not a traceback."""
+        run = run or self.run
+        try:
+            return load_data(self.root, run)
+        except (C.CacheMissing, OSError, KeyError, ValueError) as exc:
+            st.error(
+                f"Cannot read the cached run {run['benchmark']} · {run['arch']}: {exc}. "
+                "Rerun the command that made it (`python -m oodcore list` shows what is cached)."
+            )
+            st.stop()
+
+
+def _freeze(data: BenchmarkData) -> BenchmarkData:
+    """Shared (cache_resource) arrays must never be modified in place by a page."""
+    for split in (data.id, data.ood, data.fit):
+        if split is None:
+            continue
+        for arr in (split.logits, split.features, split.labels, split.paths):
+            if isinstance(arr, np.ndarray):
+                arr.setflags(write=False)
+    for arr in (data.head_weight, data.head_bias):
+        if isinstance(arr, np.ndarray):
+            arr.setflags(write=False)
+    if data.odin is not None:
+        for arr in (data.odin.id, data.odin.ood, data.odin.temps, data.odin.eps):
+            arr.setflags(write=False)
+    for scores in getattr(data, "trained", {}).values():
+        for arr in (scores.id, scores.ood):
+            if isinstance(arr, np.ndarray):
+                arr.setflags(write=False)
+    return data
+
+
+def _cached(kind: str, **kwargs):
+    """Build the memoised loaders once (so this module imports without Streamlit)."""
+    global _LOADERS
+    if _LOADERS is None:
+        # BenchmarkData is held once per process (cache_resource, read-only arrays): pickling
+        # copies of features on every rerun (cache_data) would cost more than the slider's work.
+        @st.cache_resource(max_entries=16, show_spinner="Loading the cached run…")
+        def load(root: str, benchmark: str, arch: str, token: str) -> BenchmarkData:
+            return _freeze(C.load_benchmark(Path(root), benchmark, arch))
+
+        @st.cache_resource(max_entries=16, show_spinner=False)
+        def thumbs(root: str, benchmark: str, arch: str, split: str, token: str):
+            return C.load_thumbnails(Path(root), benchmark, arch, split)
+
+        @st.cache_data(max_entries=512, show_spinner=False)
+        def metrics(root: str, benchmark: str, arch: str, token: str, method: str, params: tuple) -> dict:
+            return metrics_for(load(root, benchmark, arch, token), method, dict(params))
+
+        @st.cache_data(max_entries=64, show_spinner=False)
+        def report(root: str, benchmark: str, arch: str, token: str, n_boot: int, registry: str) -> dict:
+            from oodcore.evaluation.report import evaluate_run
+
+            data = load(root, benchmark, arch, token)
+            # one method at a time, so a method the cache cannot serve (e.g. an empty fit split)
+            # is listed as unavailable instead of sinking the whole architecture
+            report, rows, unavailable = None, [], []
+            for method in M.available_methods(data):
+                try:
+                    part = evaluate_run(data, [method.name], n_boot=n_boot)
+                except M.MethodUnavailable as exc:
+                    unavailable.append({"method": method.name, "label": method.label, "why": str(exc)})
+                    continue
+                for row in part["results"]:
+                    row["label"], row["trained_on_ood"] = method.label, bool(getattr(method, "trained_on_ood", False))
+                rows += part["results"]
+                report = report or part
+            report = report or evaluate_run(data, [], n_boot=n_boot)
+            report["results"], report["unavailable"] = rows, unavailable
+            return report
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def honest(root: str, benchmark: str, arch: str, token: str) -> dict:
+            return honest_vs_naive(load(root, benchmark, arch, token))
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def odin_grid(root: str, benchmark: str, arch: str, token: str):
+            return odin_auroc_grid(load(root, benchmark, arch, token))
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def confidences(root: str, benchmark: str, arch: str, token: str) -> dict:
+            data = load(root, benchmark, arch, token)
+            return {"id": softmax_confidence(data.id.logits), "ood": softmax_confidence(data.ood.logits)}
+
+        _LOADERS = {
+            "load": load,
+            "thumbs": thumbs,
+            "metrics": metrics,
+            "report": report,
+            "honest": honest,
+            "odin_grid": odin_grid,
+            "confidences": confidences,
+        }
+    return _LOADERS[kind](**kwargs)
+
+
+_LOADERS: dict[str, Callable] | None = None
+
+
+def _args(root: Path, run: dict) -> dict:
+    return {"root": str(root), "benchmark": run["benchmark"], "arch": run["arch"], "token": run_token(run, root)}
+
+
+def load_data(root: Path, run: dict) -> BenchmarkData:
+    return _cached("load", **_args(root, run))
+
+
+def load_thumbs(root: Path, run: dict, split: str):
+    return _cached("thumbs", split=split, **_args(root, run))
+
+
+def cached_metrics(sel: Selection, method: str, params: dict | None = None, run: dict | None = None) -> dict:
+    """metrics_for, memoised per (run, method, parameters)."""
+    registered = M.REGISTRY.get(method)
+    resolved = registered.resolve(params) if registered is not None else dict(params or {})
+    return _cached("metrics", method=method, params=tuple(sorted(resolved.items())), **_args(sel.root, run or sel.run))
+
+
+def registry_key() -> str:
+    """The registered methods and their parameter specs: a new method invalidates cached reports."""
+    return repr([(m.name, m.params, m.needs, m.tune_grid) for m in M.REGISTRY.values()])
+
+
+def cached_report(sel: Selection, run: dict, n_boot: int = 200) -> dict:
+    return _cached("report", n_boot=n_boot, registry=registry_key(), **_args(sel.root, run))
+
+
+def cached_honest(sel: Selection) -> dict:
+    return _cached("honest", **_args(sel.root, sel.run))
+
+
+def cached_odin_grid(sel: Selection):
+    return _cached("odin_grid", **_args(sel.root, sel.run))
+
+
+def cached_confidences(sel: Selection) -> dict:
+    return _cached("confidences", **_args(sel.root, sel.run))
+
+
+def cached_runs(root: Path) -> list[dict]:
+    try:
+        return C.list_runs(root)
+    except OSError:
+        return []
+
+
+def clear_run_caches() -> None:
+    """Forget memoised runs, metrics and reports (a training job just published a detector)."""
+    for key in ("load", "metrics", "report"):
+        fn = (_LOADERS or {}).get(key)
+        if fn is not None:
+            fn.clear()

@@ -1,0 +1,1 @@
+"""The command line (`oodcore ...` / `python -m oodcore ...`) and the benchmark."""

@@ -1,0 +1,1 @@
+"""Image folders, image loading, protocols, ImageNet classes and the ID/OOD splits."""

@@ -1,0 +1,64 @@
+"""Fixed, seeded splits that keep OOD tuning honest.
+
+Anything chosen or trained with OOD data sees only the *exposure* part of the
+OOD set and is reported on the *held-out* part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLIT_SEED = 0
+EXPOSURE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class OodSplit:
+    exposure: np.ndarray  # indices into the OOD rows
+    heldout: np.ndarray
+    seed: int
+    fraction: float
+
+    def describe(self) -> str:
+        return (
+            f"tuned on the OOD exposure split ({len(self.exposure)} images, "
+            f"{self.fraction:.0%}, seed {self.seed}); scored on the held-out {len(self.heldout)}"
+        )
+
+    def tag(self) -> str:
+        return f"ood-exposure-{self.fraction:g}-seed{self.seed}"
+
+
+def ood_split(n_ood: int, seed: int = SPLIT_SEED, fraction: float = EXPOSURE_FRACTION) -> OodSplit:
+    """Split OOD row indices into exposure / held-out parts, reproducibly."""
+    if n_ood < 2:
+        raise ValueError("need at least 2 OOD images to split them into exposure and held-out parts")
+    perm = np.random.default_rng(seed).permutation(n_ood)
+    n_exp = min(max(1, int(round(n_ood * fraction))), n_ood - 1)
+    return OodSplit(np.sort(perm[:n_exp]), np.sort(perm[n_exp:]), seed, fraction)
+
+
+FIT_FRACTION = 0.2
+
+
+def id_fit_split(
+    labels: np.ndarray, fraction: float = FIT_FRACTION, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of ID rows into (fit, eval) indices.
+
+    Fitted detectors (class means, covariances, percentiles, neighbours) see only
+    the fit rows, which are never evaluated; every method is scored on the eval rows.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fit fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    fit = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        take = int(round(fraction * len(rows)))
+        fit.append(rng.permutation(rows)[:take])
+    fit_idx = np.sort(np.concatenate(fit)) if fit else np.zeros(0, np.int64)
+    eval_idx = np.setdiff1d(np.arange(len(labels)), fit_idx)
+    return fit_idx, eval_idx

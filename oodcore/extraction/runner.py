@@ -1,0 +1,267 @@
+"""A real study run: (architecture, ID folder, OOD folder, protocol) -> a published cache entry.
+
+Each split's extraction (and ODIN grid) is an artifact keyed by what determines
+it, so re-running with unchanged inputs is instant, a killed run resumes from its
+last chunk, and a changed file, model, preprocessing or protocol recomputes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from oodcore.data.dataset import ImageFileDataset
+from oodcore.data.folders import fingerprint
+from oodcore.data.imagenet import class_name
+from oodcore.data.protocols import build_protocol
+from oodcore.data.splits import FIT_FRACTION, SPLIT_SEED, id_fit_split
+from oodcore.detectors import STUDY_EPSILONS, STUDY_TEMPERATURES
+from oodcore.extraction.passes import discard_parts
+from oodcore.store import cache, thumbs
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class RunOptions:
+    arch: str
+    id_dir: str
+    ood_dir: str
+    protocol: str = "imagenet-o"
+    name: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    workers: int = 2
+    odin_grid: bool = False
+    temps: tuple[float, ...] = STUDY_TEMPERATURES
+    eps: tuple[float, ...] = STUDY_EPSILONS
+    limit: int | None = None
+    ood_list: str | None = None
+    ood_list_mode: str = "exclude"
+    weights: str | None = None
+    fit_dir: str | None = None
+    fit_fraction: float = FIT_FRACTION
+    amp: bool = True
+    channels_last: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def default_name(opts: RunOptions) -> str:
+    """`<id folder>-vs-<ood folder>-<protocol>[-limitN]`, e.g. `val-vs-imagenet-o-imagenet-o`."""
+    name = f"{Path(opts.id_dir).resolve().name}-vs-{Path(opts.ood_dir).resolve().name}-{opts.protocol}"
+    if opts.ood_list:
+        name += f"-{opts.ood_list_mode}-{Path(opts.ood_list).stem}"
+    if opts.limit:
+        name += f"-limit{opts.limit}"
+    return cache.safe_name(name)
+
+
+def run_study(
+    opts: RunOptions, root: Path, progress: Progress | None = None, stop_after_chunks: int | None = None
+) -> tuple[str, Path]:
+    """Extract (or reuse) everything for one run and publish its run.json; returns (benchmark, folder)."""
+    from oodcore.extraction.pipeline import extract_split, odin_split
+    from oodcore.models.registry import cache_key, load_model
+
+    started = time.time()
+    say = progress or (lambda msg, frac: None)
+    spec = build_protocol(
+        opts.id_dir,
+        opts.ood_dir,
+        opts.protocol,
+        ood_list=opts.ood_list,
+        ood_list_mode=opts.ood_list_mode,
+        limit=opts.limit,
+    )
+    benchmark = opts.name or default_name(opts)
+    say(f"loading {opts.arch}", 0.0)
+    bundle = load_model(opts.arch, device=opts.device, weights=opts.weights)
+    channels_last = opts.channels_last and opts.device == "cuda"  # a GPU speed-up; on CPU it only costs copies
+    if channels_last:
+        bundle.network.to(memory_format=torch.channels_last)
+    folder = cache.arch_dir(root, benchmark, opts.arch)
+    base = {"model": cache_key(bundle), "protocol": spec.name, "classes": list(spec.class_wnids)}
+    c, h, w = bundle.input_size
+
+    def split_key(split: str, split_root: Path, entries: list) -> str:
+        return cache.key_of({**base, "split": split, "root": str(split_root), "files": fingerprint(entries)})
+
+    def extract(split: str, split_root: Path, entries: list, labels: np.ndarray, step: float) -> tuple[str, str, dict]:
+        """The split's artifact (cached or computed now): (filename, key, its arrays' index/labels/skipped)."""
+        key = split_key(split, split_root, entries)
+        target = folder / f"{split}-{key}.npz"
+        if not target.is_file():
+            parts = folder / "parts" / f"{split}-{key}"
+            dataset = ImageFileDataset(split_root, entries, bundle.transform, image_shape=(c, h, w))
+            arrays, skipped = extract_split(
+                bundle,
+                dataset,
+                [e.relpath for e in entries],
+                spec.class_indices,
+                parts,
+                device=opts.device,
+                batch_size=opts.batch_size,
+                workers=opts.workers,
+                amp=opts.amp,
+                channels_last=channels_last,
+                desc=f"{opts.arch} {split}",
+                stop_after_chunks=stop_after_chunks,
+                progress=lambda d, n: say(f"extracting {split} ({d}/{n})", step),
+            )
+            if len(arrays["index"]) == 0:
+                raise ValueError(f"every {split} image was unreadable ({len(entries)} tried): {skipped[:3]} ...")
+            arrays["labels"] = labels[arrays["index"]]
+            arrays["skipped_paths"] = np.asarray([s["path"] for s in skipped], dtype=str)
+            arrays["skipped_errors"] = np.asarray([s["error"] for s in skipped], dtype=str)
+            cache.write_artifact(folder, target.name, arrays)
+            discard_parts(parts)
+        return target.name, key, _summary(folder / target.name)
+
+    files: dict[str, str] = {}
+    info: dict[str, dict] = {}
+    id_key = split_key("id", spec.id_root, spec.id_files)
+    partitioned = None if opts.fit_dir else _partition_names(id_key, opts.fit_fraction)
+    if partitioned and all((folder / n).is_file() for n in partitioned):
+        id_name, id_info = None, {"skipped": _summary(folder / partitioned[0])["skipped"]}  # already split: reuse
+    else:
+        id_name, id_key, id_info = extract("id", spec.id_root, spec.id_files, spec.id_labels, 0.1)
+    ood_name, ood_key, info["ood"] = extract(
+        "ood", spec.ood_root, spec.ood_files, np.full(len(spec.ood_files), -1, np.int64), 0.5
+    )
+    files["ood"] = ood_name
+    if opts.fit_dir:
+        fit_spec = build_fit_entries(opts.fit_dir, spec.class_wnids)
+        files["fit"], _, info["fit"] = extract("fit", fit_spec[0], fit_spec[1], fit_spec[2], 0.7)
+        files["id"], info["id"] = id_name, id_info
+        fit_note = f"fit split: {info['fit']['n']} images from --fit-dir {opts.fit_dir}"
+    else:
+        files["id"], files["fit"], info["id"], info["fit"] = _partition_id(folder, id_name, id_key, opts.fit_fraction)
+        fit_note = (
+            f"fit split: {info['fit']['n']} ID images ({opts.fit_fraction:.0%} per class, seed {SPLIT_SEED}), "
+            f"never evaluated; ID is scored on the other {info['id']['n']}"
+        )
+    if opts.odin_grid:
+        for split, key, entries in (("id", id_key, spec.id_files), ("ood", ood_key, spec.ood_files)):
+            index = info[split]["index"]
+            okey = cache.key_of(
+                {"of": key, "rows": cache.key_of(index.tolist()), "temps": list(opts.temps), "eps": list(opts.eps)}
+            )
+            target = folder / f"odin_{split}-{okey}.npz"
+            if not target.is_file():
+                parts = folder / "parts" / f"odin_{split}-{okey}"
+                root_dir = spec.id_root if split == "id" else spec.ood_root
+                dataset = ImageFileDataset(
+                    root_dir, [entries[i] for i in index], bundle.transform, image_shape=(c, h, w)
+                )
+                scores = odin_split(
+                    bundle,
+                    dataset,
+                    spec.class_indices,
+                    np.arange(len(index)),
+                    parts,
+                    opts.temps,
+                    opts.eps,
+                    device=opts.device,
+                    batch_size=max(1, opts.batch_size // 2),
+                    workers=opts.workers,
+                    desc=f"{opts.arch} {split} ODIN",
+                    progress=lambda d, n, split=split: say(f"ODIN grid on {split} ({d}/{n})", 0.9),
+                )
+                cache.write_artifact(
+                    folder,
+                    target.name,
+                    {"temps": np.asarray(opts.temps, float), "eps": np.asarray(opts.eps, float), "scores": scores},
+                )
+                discard_parts(parts)
+            files[f"odin_{split}"] = target.name
+    files["head"] = f"head-{cache.key_of({**base, 'head': True})}.npz"
+    if not (folder / files["head"]).is_file():
+        weight = bundle.head.weight.detach().float().cpu().numpy()[spec.class_indices]
+        bias = bundle.head.bias.detach().float().cpu().numpy()[spec.class_indices]
+        cache.write_artifact(folder, files["head"], {"weight": weight, "bias": bias})
+    skipped = [{"split": split, **s} for split in ("id", "ood", "fit") for s in info.get(split, {}).get("skipped", [])]
+    cache.write_run(
+        folder,
+        {
+            "benchmark": benchmark,
+            "arch": opts.arch,
+            "protocol": spec.name,
+            "class_ids": list(spec.class_wnids),
+            "class_names": [class_name(w) for w in spec.class_wnids],
+            "files": files,
+            "n_id": info["id"]["n"],
+            "n_ood": info["ood"]["n"],
+            "n_fit": info["fit"]["n"],
+            "skipped": skipped,
+            "fit_split": fit_note,
+            "model": bundle.identity,
+            "preprocess": bundle.preprocess,
+            "id_root": str(spec.id_root),
+            "ood_root": str(spec.ood_root),
+            "protocol_spec": {k: v for k, v in spec.to_json().items() if k != "class_wnids"},
+            "limit": opts.limit,
+            "ood_list": opts.ood_list,
+            "ood_list_mode": opts.ood_list_mode if opts.ood_list else None,
+            "ignored_files": spec.ignored[:100],
+            "n_ignored_files": len(spec.ignored),
+            "notes": spec.notes,
+            "seconds": round(time.time() - started, 2),
+        },
+    )
+    discard_parts(folder / "parts")
+    say("done", 1.0)
+    return benchmark, folder
+
+
+def _summary(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        skipped = (
+            [{"path": str(p), "error": str(e)} for p, e in zip(z["skipped_paths"], z["skipped_errors"])]
+            if "skipped_paths" in z.files
+            else []
+        )
+        return {"n": int(len(z["labels"])), "index": z["index"], "skipped": skipped}
+
+
+def _partition_names(id_key: str, fraction: float) -> tuple[str, str]:
+    key = cache.key_of({"of": id_key, "fit_fraction": fraction, "seed": SPLIT_SEED})
+    return f"id-{key}.npz", f"fit-{key}.npz"
+
+
+def _partition_id(folder: Path, id_name: str | None, id_key: str, fraction: float) -> tuple[str, str, dict, dict]:
+    """Split the extracted ID rows into eval (`id`) and `fit` artifacts (stratified, seeded), once.
+
+    The eval artifact keeps the extraction's skipped list, so a reused partition still reports it.
+    """
+    names = _partition_names(id_key, fraction)
+    if not all((folder / n).is_file() for n in names):
+        with np.load(folder / id_name, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        fit_idx, eval_idx = id_fit_split(arrays["labels"], fraction, SPLIT_SEED)
+        for name, rows in zip(names, (eval_idx, fit_idx)):
+            part = {k: v[rows] for k, v in arrays.items() if k in ROW_ARRAYS}
+            if name == names[0]:
+                part["skipped_paths"], part["skipped_errors"] = arrays["skipped_paths"], arrays["skipped_errors"]
+            part["thumb_data"], part["thumb_offsets"] = thumbs.take(arrays["thumb_data"], arrays["thumb_offsets"], rows)
+            cache.write_artifact(folder, name, part)
+    return names[0], names[1], _summary(folder / names[0]), _summary(folder / names[1])
+
+
+ROW_ARRAYS = ("logits", "features", "index", "paths", "labels")
+
+
+def build_fit_entries(fit_dir: str, class_wnids: list[str]):
+    """(root, entries, labels) of a --fit-dir (e.g. an ImageNet train subset), restricted to the protocol's classes."""
+    from oodcore.data.folders import DatasetError, scan_image_folder
+
+    scan = scan_image_folder(fit_dir)
+    position = {w: i for i, w in enumerate(class_wnids)}
+    entries = [e for e in scan.entries if e.wnid in position]
+    if not entries:
+        raise DatasetError(f"--fit-dir {fit_dir} has no images of the protocol's {len(class_wnids)} classes")
+    return scan.root, entries, np.asarray([position[e.wnid] for e in entries], dtype=np.int64)

@@ -1,0 +1,1 @@
+"""The model registry: timm, torchvision and offline families, their preprocessing and weights."""
