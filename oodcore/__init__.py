@@ -5,4 +5,4 @@ every post-hoc OOD detector is then a cheap function of that cache.
 Convention everywhere: OOD is the positive class and a higher score means more OOD.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
