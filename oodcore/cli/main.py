@@ -285,8 +285,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from oodcore.evaluation.export import export_run
     from oodcore.store.cache import CacheMissing, load_benchmark
-    from oodcore.store.export import export_run
 
     root = cache_root(args.cache_dir)
     try:

@@ -1,1 +1,1 @@
-"""Metrics, reports and the pure analysis that the explorer's pages show."""
+"""Metrics, reports and export, and the pure analysis that the explorer's pages show."""
