@@ -49,6 +49,7 @@ def t(demo):
         "b": b,
         "linear": lin,
         "head": lambda z: z @ w.T + b,
+        "head_maps": lambda z: z.flatten(1) @ w.T + b,  # B x C x 1 x 1 maps -> logits
     }
 
 
@@ -103,6 +104,22 @@ def theirs(name: str, t: dict):
     if name == "knn":
         det = D.KNN(None, k=50).fit_features(t["Ff"], t["yf"])
         return both(det.predict_features, t, "Fi", "Fo")
+    if name in ("ash_b", "ash_p", "ash_s"):  # pooled features as B x C x 1 x 1 maps; percentile a fraction there
+        p = M.get(name).defaults()["p"] / 100.0
+        det = D.ASH(None, t["head_maps"], variant=name.replace("_", "-"), percentile=p)
+        return both(lambda f: det.predict_feature_maps(f[:, :, None, None]), t, "Fi", "Fo")
+    if name == "scale":
+        det = D.SCALE(None, t["head_maps"], percentile=0.85)
+        return both(lambda f: det.predict_feature_maps(f[:, :, None, None]), t, "Fi", "Fo")
+    if name == "nci":
+        det = D.NCI(None, t["linear"], alpha=0.0).fit_features(t["Ff"])
+        return both(det.predict_features, t, "Fi", "Fo")
+    if name == "fdbd":
+        det = D.fDBD(None, t["linear"]).fit_features(t["Ff"])
+        return both(det.predict_features, t, "Fi", "Fo")
+    if name == "nnguide":  # our default k = 100
+        det = D.NNGuide(None, t["linear"], k=100).fit_features(t["Ff"], t["yf"])
+        return both(det.predict_features, t, "Fi", "Fo")
     raise KeyError(name)
 
 
@@ -145,6 +162,19 @@ SAME_FORMULA = {
     "mahalanobis": ("scaled", lambda d: 2.0 * len(d.fit), 2e-2),
     "rel_mahalanobis": ("scaled", lambda d: float(len(d.fit)), 2e-2),
     "knn": ("same", 1e-5),
+    # ASH / SCALE: the same pooled-feature formulas (pytorch-ood's maps are B x C x 1 x 1); both keep the
+    # k = D - round(D p) largest activations.  Float32 heads on both sides.
+    "ash_b": ("same", 1e-4),
+    "ash_p": ("same", 1e-5),
+    "ash_s": ("same", 1e-4),
+    "scale": ("same", 1e-4),
+    # NCI / fDBD: identical formulas; pytorch-ood predicts the class with its float32 head, ours takes the
+    # argmax of the cached logits (the same head's output), and ours accumulates in float64.
+    "nci": ("same", 1e-4),
+    "fdbd": ("same", 1e-4),
+    # NNGuide: identical formula (bank = normalised fit features x logsumexp of their logits); pytorch-ood
+    # recomputes the logits with its float32 head where ours reads the cached ones.
+    "nnguide": ("same", 1e-4),
 }
 
 
@@ -154,7 +184,9 @@ def test_same_auroc_as_pytorch_ood(demo, t, name):
     ours_id, ours_ood = method.score_id_ood(demo)
     their_id, their_ood = theirs(name, t)
     a_ours, a_theirs = auroc(ours_id, ours_ood), auroc(their_id, their_ood)
-    assert a_ours > 0.5
+    # ASH-S at its ImageNet default (p = 90) keeps 6 of the demo's 64 activations and ranks below chance
+    # on the digits demo (on both sides); the agreement is what this test checks.
+    assert a_ours > 0.5 or name == "ash_s"
     assert abs(a_ours - a_theirs) < TOL, (name, a_ours, a_theirs)
     rel = SAME_FORMULA[name]
     if rel is None:
@@ -241,6 +273,11 @@ def test_temp_scaling_vs_pytorch_ood(demo, t):
 
 
 def test_every_overlapping_method_is_checked(demo):
-    """The zoo's methods that pytorch-ood implements are all in this file (temp_scaling above)."""
+    """The zoo's methods that pytorch-ood implements are all in this file (temp_scaling above).
+
+    OptFS and CARef have no pytorch-ood implementation: they are checked against hand computations
+    in tests/test_methods_new.py.
+    """
     ours = {m.name for m in M.available_methods(demo) if not getattr(m, "trained_on_ood", False)}
-    assert ours <= set(SAME_FORMULA) | {"temp_scaling"}
+    assert ours <= set(SAME_FORMULA) | {"temp_scaling", "optfs", "caref"}
+    assert not hasattr(D, "OptFS") and not hasattr(D, "CARef") and not hasattr(D, "CADRef")

@@ -4,11 +4,15 @@ A new detector is one function in a family module plus its `register(...)` entry
 this package imports every family, so the registry is complete for the CLI and every page.
 """
 
-# The families' import order is the registry's order: logits, then features, then distances.
+# The families' import order is the registry's order: logits, features, distances, then the
+# newer activation-shaping, class-geometry and nearest-neighbour-guidance families.
 # isort: off
 from oodcore.detectors import logits  # noqa: F401
 from oodcore.detectors import features  # noqa: F401
 from oodcore.detectors import distance  # noqa: F401
+from oodcore.detectors import shaping  # noqa: F401
+from oodcore.detectors import boundary  # noqa: F401
+from oodcore.detectors import neighbours  # noqa: F401
 # isort: on
 
 from oodcore.detectors.errors import MethodUnavailable

@@ -1,0 +1,320 @@
+"""Activation-shaping detectors: ASH (-B, -P, -S), SCALE and OptFS.
+
+Each reshapes the penultimate features before the final layer and scores the result.  The
+papers define ASH on feature maps before the last pooling (ASH) or after it (SCALE); like
+OpenOOD and pytorch-ood on ImageNet, these are the *pooled-feature* forms: the cache holds
+the pooled (N, D) features, and a row is shaped as one vector of D activations (pytorch-ood's
+B x C x 1 x 1 maps).  ASH and SCALE learn nothing (their percentile p only changes scoring, so
+a slider never refits); OptFS fits its bin weights in closed form on the ID fit split.
+
+Per row, ASH and SCALE need only the k-th largest activation and the sum of the k largest:
+one sort per row gives both for every whole percentage (`_row_table`, kept beside the state
+per split), so a slider move reads a column instead of re-sorting.
+numpy only.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from oodcore.detectors.features import split_features
+from oodcore.detectors.fitting import FitContext
+from oodcore.detectors.numerics import logsumexp, row_chunks
+from oodcore.detectors.registry import Param, register
+from oodcore.store.rundata import SplitArrays
+
+# ----------------------------------------------------------------------------- shared: per-row order
+
+
+class RowMemo:
+    """A per-array memo held by a fitted state: what a slider only slices, computed once per split.
+
+    Keyed by the identity of the split's feature array (checked through a weak reference, so
+    a new array at a recycled id is never served a stale entry); entries die with their array.
+    """
+
+    def __init__(self):
+        self._store: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, array: np.ndarray, build):
+        key = (name, id(array))
+        with self._lock:
+            hit = self._store.get(key)
+            if hit is not None and hit[0]() is array:
+                return hit[1]
+        value = build()
+        try:
+            ref = weakref.ref(array, lambda _r, k=key, s=self._store: s.pop(k, None))
+        except TypeError:  # not weak-referenceable (e.g. a memmap subclass edge case): no memo
+            return value
+        with self._lock:
+            self._store[key] = (ref, value)
+        return value
+
+
+def kept_count(d: int, p: float) -> int:
+    """How many of D activations survive pruning at percentile p (%): D - round(D p / 100), as pytorch-ood."""
+    return int(d - int(np.round(d * (float(p) / 100.0))))
+
+
+TABLE_PERCENTS = np.arange(0, 100)  # the slider's whole percentages: one column each in the per-split table
+
+
+def _topk_direct(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k-th largest value, sum of the k largest in float64) per row, by one partition."""
+    d = f.shape[1]
+    part = np.partition(f, d - k, axis=1)
+    return part[:, d - k].copy(), part[:, d - k :].sum(axis=1, dtype=np.float64)
+
+
+def _row_table(features: np.ndarray) -> dict:
+    """One sort per row, sliced at every whole percentage p: the k-th largest activation and the top-k sum.
+
+    ks (m,): the kept counts of p = 0..99; thr (N, m) float32 and s2 (N, m) float64; total (N,) = Σ f.
+    A slider move to a whole p reads one column; any other p is computed directly (`_topk`).
+    """
+    n, d = features.shape
+    ks = np.unique([kept_count(d, p) for p in TABLE_PERCENTS])
+    ks = ks[ks > 0]
+    thr = np.empty((n, len(ks)), dtype=np.float32)
+    s2 = np.empty((n, len(ks)))
+    total = np.empty(n)
+    for sl in row_chunks(n, 3 * d):
+        f = np.asarray(features[sl], dtype=np.float32)
+        desc = -np.sort(-f, axis=1)
+        thr[sl] = desc[:, ks - 1]
+        s2[sl] = np.cumsum(desc, axis=1, dtype=np.float64)[:, ks - 1]
+        total[sl] = f.sum(axis=1, dtype=np.float64)
+    return {"ks": ks, "thr": thr, "s2": s2, "total": total}
+
+
+def _topk(state: dict, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(k-th largest, top-k sum, row sum) per row: a column of the split's memoised table, or computed directly."""
+    table = state["memo"].get("row_table", features, lambda: _row_table(features))
+    col = int(np.searchsorted(table["ks"], k))
+    if col < len(table["ks"]) and table["ks"][col] == k:
+        return table["thr"][:, col], table["s2"][:, col], table["total"]
+    thr, s2 = np.empty(len(features), dtype=np.float32), np.empty(len(features))
+    for sl in row_chunks(len(features), 2 * features.shape[1]):
+        thr[sl], s2[sl] = _topk_direct(np.asarray(features[sl], dtype=np.float32), k)
+    return thr, s2, table["total"]
+
+
+def topk_mask(f: np.ndarray, thr: np.ndarray, k: int) -> np.ndarray:
+    """Exactly k kept per row: every value above the row's k-th largest, then ties at it by lowest index."""
+    above = f > thr[:, None]
+    tie = f == thr[:, None]
+    need = k - above.sum(axis=1)
+    return above | (tie & (np.cumsum(tie, axis=1) <= need[:, None]))
+
+
+def fit_head(ctx: FitContext) -> dict:
+    """Shaping methods learn nothing from the fit split: their state is the head (W, b) and a per-split memo.
+
+    One state shared by ASH-B/-P/-S and SCALE, so the per-split table is built once for all four.
+    """
+
+    def build():
+        w, b = ctx.head()
+        return {
+            "w_t": np.ascontiguousarray(np.asarray(w, dtype=np.float32).T),
+            "b": np.asarray(b, np.float64),
+            "memo": RowMemo(),
+        }
+
+    return ctx.shared("shaping_head", build)
+
+
+def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
+    """-logsumexp(x W^T + b) of shaped rows (float32 product, float64 log-sum-exp)."""
+    return -logsumexp(np.asarray(shaped, dtype=np.float32) @ state["w_t"] + state["b"])
+
+
+def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
+    feats = split_features(rows)
+    k = kept_count(feats.shape[1], p)
+    if k <= 0:
+        raise ValueError(f"p = {p} prunes every activation (D = {feats.shape[1]}); use p < 100")
+    return feats, k
+
+
+def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
+    feats, k = _pruning(rows, p)
+    n, d = feats.shape
+    thr, s2, s1 = _topk(state, feats, k)
+    out = np.empty(n)
+    for sl in row_chunks(n, 3 * d + state["w_t"].shape[1]):
+        f = np.asarray(feats[sl], dtype=np.float32)
+        keep = topk_mask(f, thr[sl], k)
+        if variant == "b":  # binarise: every kept activation becomes s1 / k
+            shaped = keep * (s1[sl] / k).astype(np.float32)[:, None]
+        else:
+            shaped = np.where(keep, f, np.float32(0))
+            if variant == "s":  # rescale the kept activations by exp(s1 / s2)
+                shaped *= np.exp(s1[sl] / s2[sl]).astype(np.float32)[:, None]
+        out[sl] = _energy_of(shaped, state)
+    return out
+
+
+def ash_param(default: float) -> Param:
+    return Param(
+        "p",
+        "pruning percentile p (%)",
+        default,
+        0.0,
+        99.0,
+        "linear",
+        help="per image, activations below its own p-th percentile are set to zero; the default is the paper's ImageNet "
+        "ResNet-50 setting (ASH-P 60, ASH-B 65, ASH-S 90)",
+    )
+
+
+ASH_PAPER = "Djurisic et al. 2023 (ICLR), Extremely Simple Activation Shaping for Out-of-Distribution Detection"
+ASH_NEEDS = ("features", "head")
+
+
+@register("ash_p", "ASH-P", fit=fit_head, params=(ash_param(60.0),), needs=ASH_NEEDS, paper=ASH_PAPER)
+def ash_p(state, rows, p):
+    """ASH-P: keep each row's top (100-p)% activations, zero the rest, score the energy of the head on the result.
+
+    Pooled-feature form (pytorch-ood's B x C x 1 x 1 maps; the paper prunes the feature maps before
+    pooling): the percentile is taken over a row's D pooled activations.
+    """
+    return _ash(state, rows, p, "p")
+
+
+@register("ash_b", "ASH-B", fit=fit_head, params=(ash_param(65.0),), needs=ASH_NEEDS, paper=ASH_PAPER)
+def ash_b(state, rows, p):
+    """ASH-B: prune as ASH-P, then set every kept activation to s1 / k (s1 = the row's sum, k = kept count); energy.
+
+    Pooled-feature form (see ASH-P): the binarised row keeps the total activation s1.
+    """
+    return _ash(state, rows, p, "b")
+
+
+@register("ash_s", "ASH-S", fit=fit_head, params=(ash_param(90.0),), needs=ASH_NEEDS, paper=ASH_PAPER)
+def ash_s(state, rows, p):
+    """ASH-S: prune as ASH-P, then multiply the kept activations by exp(s1 / s2); energy of the head.
+
+    s1 = sum of all the row's activations, s2 = sum of the kept ones (pooled-feature form, see ASH-P).
+    """
+    return _ash(state, rows, p, "s")
+
+
+# ----------------------------------------------------------------------------- SCALE
+
+
+@register(
+    "scale",
+    "SCALE",
+    fit=fit_head,
+    params=(
+        Param(
+            "p",
+            "percentile p (%)",
+            85.0,
+            0.0,
+            99.0,
+            "linear",
+            help="the scale factor is exp(sum of all activations / sum of the top (100-p)%); nothing is pruned (the paper: 85 on ImageNet)",
+        ),
+    ),
+    needs=ASH_NEEDS,
+    paper="Xu et al. 2024 (ICLR), Scaling for Training Time and Post-hoc Out-of-distribution Detection Enhancement",
+)
+def scale(state, rows, p):
+    """SCALE: energy of the head on f · exp(s1 / s2), s1 = Σ f, s2 = the sum of the row's top (100-p)% activations.
+
+    No activation is pruned; the top-k set only sets the factor.  Applied to the pooled features,
+    as in the paper (after the last average pooling).
+    """
+    feats, k = _pruning(rows, p)
+    n, d = feats.shape
+    _, s2, s1 = _topk(state, feats, k)
+    factor = np.exp(s1 / s2)
+    out = np.empty(n)
+    for sl in row_chunks(n, d + state["w_t"].shape[1]):
+        f = np.asarray(feats[sl], dtype=np.float32) * factor[sl].astype(np.float32)[:, None]
+        out[sl] = _energy_of(f, state)
+    return out
+
+
+# ----------------------------------------------------------------------------- OptFS
+
+
+def _bin_index(x: np.ndarray, lefts: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """(bin index, inside) of each value: bin i holds lefts[i] <= x < lefts[i] + width (the authors' masks)."""
+    idx = np.searchsorted(lefts, x, side="right") - 1
+    safe = np.clip(idx, 0, len(lefts) - 1)
+    inside = (idx >= 0) & (x < lefts[safe] + width)
+    return safe, inside
+
+
+def fit_optfs(ctx: FitContext, bins: float = 100) -> dict:
+    """Bin edges over the fit activations' [0.1%, 99.9%] quantile range and the closed-form bin weights θ.
+
+    θ_i ∝ I_i = mean over fit rows of Σ_d [f_d in bin i] w_{ŷ,d} f_d (ŷ the row's predicted class):
+    the expected contribution of bin i to the predicted logit; scaled to ||θ|| = 1000 as the
+    authors' code does (the score's ranking does not depend on the scale).
+    """
+    fit = ctx.require_fit(features=True)
+    w, _ = ctx.head()
+    w64 = np.asarray(w, dtype=np.float64)
+    feats = fit.features
+    n_bins = int(max(1, round(bins)))
+    lo, hi = np.quantile(feats, [1e-3, 1 - 1e-3])
+    width = float((hi - lo) / n_bins)
+    if not width > 0:
+        lo, width = float(lo), 1.0  # constant activations: one bin holds them all
+    lefts = np.arange(lo, hi, width) if hi > lo else np.array([float(lo)])
+    preds = np.asarray(fit.logits).argmax(axis=1)
+    total = np.zeros(len(lefts))
+    for sl in row_chunks(len(feats), 3 * feats.shape[1]):
+        f = np.asarray(feats[sl], dtype=np.float64)
+        contrib = w64[preds[sl]] * f
+        idx, inside = _bin_index(f, lefts, width)
+        total += np.bincount(idx[inside], weights=contrib[inside], minlength=len(lefts))
+    impact = total / len(feats)
+    norm = np.linalg.norm(impact)
+    theta = impact / norm * 1000.0 if norm > 0 else np.zeros_like(impact)
+    return {"w": w64, "lefts": lefts, "width": width, "theta": theta}
+
+
+@register(
+    "optfs",
+    "OptFS",
+    fit=fit_optfs,
+    params=(
+        Param(
+            "bins",
+            "shaping bins",
+            100.0,
+            10.0,
+            400.0,
+            "linear",
+            help="number of piecewise-constant pieces over the fit activations' 0.1-99.9% range (the authors use 100)",
+            fit=True,
+        ),
+    ),
+    needs=("logits", "features", "head", "fit"),
+    paper="Zhao et al. 2024 (ICLR), Towards Optimal Feature-Shaping Methods for Out-of-Distribution Detection",
+)
+def optfs(state, rows):
+    """-w_ŷ · (f ⊙ θ(f)): the predicted logit (without bias) of the features shaped by a fitted piecewise-constant θ.
+
+    θ(v) = θ_i for v in bin i, 0 outside the fitted range; θ is fitted in closed form on the ID fit
+    split (see `fit_optfs`).  The authors' default ("vanilla") score, on the pooled features.
+    """
+    feats = split_features(rows)
+    preds = np.asarray(rows.logits).argmax(axis=1)
+    out = np.empty(len(feats))
+    for sl in row_chunks(len(feats), 3 * feats.shape[1]):
+        f = np.asarray(feats[sl], dtype=np.float64)
+        idx, inside = _bin_index(f, state["lefts"], state["width"])
+        shaped = np.where(inside, f * state["theta"][idx], 0.0)
+        out[sl] = -np.einsum("ij,ij->i", state["w"][preds[sl]], shaped)
+    return out

@@ -1,0 +1,212 @@
+"""ASH-B/-P/-S, SCALE, OptFS, NCI, fDBD, CARef and NNGuide against hand computations on small arrays.
+
+(The ones pytorch-ood 0.4.0 also has are cross-checked against it in test_crosscheck_pytorch_ood.py.)
+"""
+
+import numpy as np
+import pytest
+
+from oodcore import detectors as M
+from oodcore.detectors import fitting as FIT
+from oodcore.detectors import neighbours as NB
+from oodcore.evaluation.metrics import compute_metrics
+from oodcore.store import cache
+from oodcore.store.rundata import SplitArrays
+from tests.test_methods_zoo import feature_data
+
+NEW = ["ash_b", "ash_p", "ash_s", "scale", "nci", "fdbd", "nnguide", "optfs", "caref"]
+
+
+def energy(logits):
+    logits = np.asarray(logits, dtype=np.float64)
+    m = logits.max(axis=1)
+    return -(m + np.log(np.exp(logits - m[:, None]).sum(axis=1)))
+
+
+def head_of(data):
+    return np.asarray(data.head_weight, np.float64), np.asarray(data.head_bias, np.float64)
+
+
+def hand_shape(f, p, variant):
+    """One row at a time, with Python sorting: keep the k = D - round(D p/100) largest (first index on ties)."""
+    out = []
+    for row in np.asarray(f, dtype=np.float64):
+        d = len(row)
+        k = d - int(round(d * p / 100))
+        keep = sorted(range(d), key=lambda i: (-row[i], i))[:k]
+        s1, s2 = row.sum(), row[keep].sum()
+        shaped = np.zeros(d)
+        if variant == "scale":
+            shaped = row * np.exp(s1 / s2)
+        elif variant == "b":
+            shaped[keep] = s1 / k
+        else:
+            shaped[keep] = row[keep] * (np.exp(s1 / s2) if variant == "s" else 1.0)
+        out.append(shaped)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("p", [0.0, 30.0, 60.0, 65.0, 90.0, 62.5])  # 62.5: not a whole percentage (direct path)
+@pytest.mark.parametrize("variant", ["b", "p", "s", "scale"])
+def test_ash_and_scale_by_hand(variant, p):
+    data = feature_data(d=8)
+    w, b = head_of(data)
+    name = "scale" if variant == "scale" else f"ash_{variant}"
+    for split in (data.id, data.ood):
+        expected = energy(hand_shape(split.features, p, variant) @ w.T + b)
+        assert M.get(name).score(data, split, p=p) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_ash_keeps_exactly_k_on_ties():
+    data = feature_data(d=6)
+    f = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    data.id = SplitArrays(f @ data.head_weight.T + data.head_bias, f, np.array([0, 1]), np.array(["a", "b"]))
+    w, b = head_of(data)
+    for variant in ("b", "p", "s"):
+        got = M.get(f"ash_{variant}").score(data, data.id, p=50.0)  # k = 3 of 6: one of the tied 1.0s is cut
+        assert got == pytest.approx(energy(hand_shape(f, 50.0, variant) @ w.T + b), rel=1e-6)
+
+
+def test_ash_slider_reads_one_table_and_refuses_p_100():
+    data = feature_data(d=8)
+    for p in (10.0, 50.0, 90.0):
+        M.get("ash_s").score_id_ood(data, p=p)
+        M.get("scale").score_id_ood(data, p=p)
+    state = M.get("ash_s").state(data)
+    assert state is M.get("scale").state(data)  # one shared state, one table per split
+    assert len(state["memo"]._store) == 2
+    assert FIT.context_of(data).calls["shaping_head"] == 1
+    with pytest.raises(ValueError, match="p < 100"):
+        M.get("ash_p").score_id_ood(data, p=99.99)
+
+
+def test_optfs_against_the_authors_masks():
+    """The authors' loop: bins [left_i, left_i + width) from np.arange over the 0.1-99.9% quantiles, θ = I / ||I|| 1000."""
+    data = feature_data(d=6, n_fit=200)
+    w, _ = head_of(data)
+    ff = np.asarray(data.fit.features, np.float64)
+    lo, hi = np.quantile(ff, 1e-3), np.quantile(ff, 1 - 1e-3)
+    width = (hi - lo) / 100.0
+    lefts = np.arange(lo, hi, width)
+    pred = data.fit.logits.argmax(1)
+    lc = w[pred] * ff
+    impact = np.array([np.mean(np.sum(((ff >= x) & (ff < x + width)) * lc, axis=1)) for x in lefts])
+    theta = impact / np.linalg.norm(impact) * 1000
+    state = M.get("optfs").state(data)
+    assert state["theta"] == pytest.approx(theta, rel=1e-9, abs=1e-9)
+    for split in (data.id, data.ood):
+        f = np.asarray(split.features, np.float64)
+        shaped = np.zeros_like(f)
+        for i, x in enumerate(lefts):
+            shaped += ((f >= x) & (f < x + width)) * f * theta[i]
+        expected = -np.sum(w[split.logits.argmax(1)] * shaped, axis=1)
+        assert M.get("optfs").score(data, split) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_caref_is_relative_l1_error_to_the_predicted_class_mean():
+    data = feature_data(d=5)
+    ff, pred = np.asarray(data.fit.features, np.float64), data.fit.logits.argmax(1)
+    means = np.array([ff[pred == c].mean(axis=0) for c in range(3)])
+    for split in (data.id, data.ood):
+        f = np.asarray(split.features, np.float64)
+        m = means[split.logits.argmax(1)]
+        expected = np.abs(f - m).sum(1) / np.abs(f).sum(1)
+        assert M.get("caref").score(data, split) == pytest.approx(expected, rel=1e-12)
+
+
+def test_caref_falls_back_for_a_class_nothing_is_predicted_as():
+    data = feature_data(d=4)
+    keep = data.fit.logits.argmax(1) != 2  # no fit row predicted as class 2
+    data.fit = SplitArrays(data.fit.logits[keep], data.fit.features[keep], data.fit.labels[keep], data.fit.paths[keep])
+    state = M.get("caref").state(data)
+    assert list(state["fallback"]) == [2]
+    labelled = data.fit.features[data.fit.labels == 2]
+    expected = labelled.mean(0) if len(labelled) else data.fit.features.mean(0)
+    assert state["means"][2] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05])
+def test_nci_by_hand(alpha):
+    data = feature_data(d=5)
+    w, _ = head_of(data)
+    mu = np.asarray(data.fit.features, np.float64).mean(0)
+    for split in (data.id, data.ood):
+        rows = []
+        for f, lg in zip(np.asarray(split.features, np.float64), split.logits):
+            c = int(np.argmax(lg))
+            rows.append(-(f - mu) @ w[c] / np.linalg.norm(f - mu) - alpha * np.abs(f).sum())
+        assert M.get("nci").score(data, split, alpha=alpha) == pytest.approx(rows, rel=1e-10)
+
+
+def test_fdbd_by_hand():
+    data = feature_data(d=5)
+    w, b = head_of(data)
+    mu = np.asarray(data.fit.features, np.float64).mean(0)
+    for split in (data.id, data.ood):
+        rows = []
+        for f in np.asarray(split.features, np.float64):
+            lg = w @ f + b
+            c = int(np.argmax(lg))
+            terms = [abs(lg[c] - lg[j]) / np.linalg.norm(w[c] - w[j]) for j in range(len(lg)) if j != c]
+            rows.append(-np.mean(terms) / np.linalg.norm(f - mu))
+        assert M.get("fdbd").score(data, split) == pytest.approx(rows, rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 7, 100, 10_000])
+def test_nnguide_by_brute_force(k):
+    data = feature_data(d=5, n_fit=150)
+    ff = np.asarray(data.fit.features, np.float64)
+    conf_fit = -energy(data.fit.logits)
+    bank = ff / np.linalg.norm(ff, axis=1, keepdims=True) * conf_fit[:, None]
+    for split in (data.id, data.ood):
+        f = np.asarray(split.features, np.float64)
+        sims = (f / np.linalg.norm(f, axis=1, keepdims=True)) @ bank.T
+        kk = min(k, len(ff))
+        guidance = -np.sort(-sims, axis=1)[:, :kk].mean(1)
+        expected = -guidance * -energy(split.logits)
+        assert M.get("nnguide").score(data, split, k=k) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 10, 64])
+def test_faiss_and_numpy_search_agree(k):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    bank, q = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
+    a = NB.top_similarities(q, bank, k, use_faiss=True)
+    b = NB.top_similarities(q, bank, k, use_faiss=False)
+    exact = -np.sort(-(q.astype(np.float64) @ bank.T.astype(np.float64)), axis=1)[:, :k]
+    assert a.shape == b.shape == (50, k)
+    assert np.allclose(a, exact, atol=1e-5) and np.allclose(b, exact, atol=1e-5)
+
+
+def test_new_methods_need_what_they_declare():
+    data = feature_data()
+    data.fit = None
+    for name in ("ash_b", "ash_p", "ash_s", "scale"):  # no fit split needed: only the head
+        assert M.get(name).available(data), name
+    for name in ("nci", "fdbd", "nnguide", "optfs", "caref"):
+        assert not M.get(name).available(data), name
+
+
+def test_registry_entries_of_the_new_methods():
+    for name in NEW:
+        method = M.get(name)
+        assert method.paper and method.summary and "\n" not in method.paper
+        for p in method.params:
+            assert p.low <= p.default <= p.high and p.help
+    assert [p.fit for p in M.get("optfs").params] == [True]  # bins change the fitted θ
+    assert not any(p.fit for n in NEW if n != "optfs" for p in M.get(n).params)  # the rest are slider-only
+
+
+@pytest.fixture(scope="module")
+def demo(demo_cache):
+    return cache.load_benchmark(demo_cache, "demo", "digits_cnn")
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_methods_on_the_demo(demo, name):
+    s_id, s_ood = M.get(name).score_id_ood(demo)
+    assert np.all(np.isfinite(s_id)) and np.all(np.isfinite(s_ood))
+    auroc = compute_metrics(s_id, s_ood)["auroc"]
+    # ASH-S at the paper's ImageNet p = 90 keeps 6 of the demo CNN's 64 activations: below chance here
+    assert auroc > 0.5 or name == "ash_s", (name, auroc)
