@@ -8,6 +8,7 @@ import streamlit as st
 from oodcore import detectors as M
 from oodcore.evaluation import analysis
 from oodcore.explorer import loaders, settings, shell, widgets
+from oodcore.explorer import study as study_views
 
 sel = shell.page_setup(
     "Misfires",
@@ -104,9 +105,11 @@ def misfires() -> None:
     )
     n_show = f2.slider("Images per gallery", 8, 64, 24, step=8, key="mis.n")
 
-    tab_ood, tab_id, tab_cls = st.tabs(
-        ["OOD that look in-distribution", "ID flagged as OOD", "Classes that attract OOD"]
+    tab_ood, tab_id, tab_cls, tab_all = st.tabs(
+        ["OOD that look in-distribution", "ID flagged as OOD", "Classes that attract OOD", "Fools every architecture"]
     )
+    with tab_all:
+        study_views.fools_every_architecture(sel, method, params, point, n_show)
     with tab_ood:
         order = np.argsort(s_ood, kind="stable")  # most ID-like first
         rank = np.empty(len(order), int)

@@ -54,3 +54,29 @@ def demo_cache_dir(tmp_path_factory) -> Path:
 
 def demo_is_built(root: Path) -> bool:
     return (root / "demo" / "digits_cnn" / "run.json").is_file()
+
+
+def add_perturbed_arch(root: Path, new_arch: str = "digits_cnn_b", seed: int = 1, benchmark: str = "demo") -> Path:
+    """A second 'architecture' of the demo benchmark: the demo run copied, its logits and features perturbed
+    with seeded noise (same images, paths and thumbnails), published under `new_arch`.  For study views only."""
+    import shutil
+
+    import numpy as np
+
+    from oodcore.store import cache
+
+    src = cache.arch_dir(root, benchmark, "digits_cnn")
+    dst = cache.arch_dir(root, benchmark, new_arch)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    run = cache.read_run(root, benchmark, "digits_cnn")
+    rng = np.random.default_rng(seed)
+    for split in ("id", "ood", "fit"):
+        name = run["files"][split]
+        with np.load(dst / name, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["logits"] = (arrays["logits"] + rng.normal(0, 1.5, arrays["logits"].shape)).astype(np.float32)
+        feats = arrays["features"]
+        arrays["features"] = (feats * rng.uniform(0.8, 1.2, feats.shape)).astype(np.float32)
+        cache.write_artifact(dst, name, arrays)
+    cache.write_run(dst, {**run, "arch": new_arch})
+    return dst

@@ -26,10 +26,11 @@ from tests.helpers import demo_cache_dir, demo_is_built, record
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-CACHE_PAGES = ["pages/leaderboard.py", "pages/curves.py", "pages/odin_tuner.py", "pages/misfires.py"]
+CACHE_PAGES = ["pages/leaderboard.py", "pages/study.py", "pages/curves.py", "pages/odin_tuner.py", "pages/misfires.py"]
 PAGES = CACHE_PAGES + ["pages/score_image.py"]
 TITLES = {
     "pages/leaderboard.py": "Leaderboard",
+    "pages/study.py": "Study",
     "pages/curves.py": "Curves",
     "pages/odin_tuner.py": "ODIN tuner",
     "pages/misfires.py": "Misfires",

@@ -198,6 +198,7 @@ def page_setup(title: str, blurb: str) -> Selection:
 PAGES = (
     # (file in pages/, title, icon, section, does work / starts computation beyond reading the cache)
     ("leaderboard.py", "Leaderboard", ":material/leaderboard:", "Evaluate", False),
+    ("study.py", "Study", ":material/grid_on:", "Evaluate", False),
     ("curves.py", "Curves", ":material/show_chart:", "Evaluate", False),
     ("odin_tuner.py", "ODIN tuner", ":material/tune:", "Diagnose", False),
     ("misfires.py", "Misfires", ":material/image_search:", "Diagnose", False),

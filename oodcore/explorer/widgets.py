@@ -19,6 +19,8 @@ from oodcore.explorer.settings import ID_COLOR, OOD_COLOR
 from oodcore.explorer.shell import drop_stale
 from oodcore.store.rundata import BenchmarkData
 
+GALLERY_COLUMNS = 8  # thumbnails per gallery row
+
 
 def param_controls(method: M.Method, data: BenchmarkData, key_prefix: str, container=None) -> dict[str, float]:
     """One slider per parameter, built from the method's Param spec (new methods need no page edit)."""
