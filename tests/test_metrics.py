@@ -416,3 +416,68 @@ def test_threshold_at_tpr_other_levels(big):
         assert np.mean(s_ood >= t) >= level
     assert threshold_at_tpr(s_id, s_ood, tpr=0.0) == np.inf
     assert threshold_at_tpr(s_id, s_ood, tpr=1.0) == s_ood.min()
+
+
+# ----------------------------------------------------------------- one sort, shared draws (issue 13)
+
+
+def _old_bootstrap(scores_id, scores_ood, n_boot, seed=0):
+    """The implementation before the shared sort/draws: fresh draws bincounted into the sorted order (one
+    chunk of n_boot rows, as the old code did at these sizes), the weighted core, and FPR@95 read by
+    np.argmax over the full boolean matrix."""
+    from oodcore.evaluation import metrics as MM
+
+    ps = sort_pooled(scores_id, scores_ood)
+    n = ps.scores.size
+    w_id, w_ood = np.empty((n_boot, n)), np.empty((n_boot, n))
+    for b in range(n_boot):
+        i_id, i_ood = bootstrap_indices(ps.pos_id.size, ps.pos_ood.size, b, seed)
+        w_id[b] = np.bincount(ps.pos_id[i_id], minlength=n)
+        w_ood[b] = np.bincount(ps.pos_ood[i_ood], minlength=n)
+    c_id, c_ood = MM._prefix_sums(w_id, ps.group_ends), MM._prefix_sums(w_ood, ps.group_ends)
+    m = MM._metrics_from_prefix(c_id, c_ood, ps.id_groups, ps.ood_groups)
+    rows = np.arange(n_boot)
+    t_id, t_ood = c_id[:, -1], c_ood[:, -1]
+    k95 = np.argmax(c_ood[:, 1:] / t_ood[:, None] >= 0.95, axis=1)
+    m["fpr95"] = c_id[:, 1:][rows, k95] / t_id
+    id_le = t_id[:, None] - c_id[:, :-1]
+    ok = id_le / t_id[:, None] >= 0.95
+    k95_in = ok.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
+    m["fpr95_in"] = (t_ood[:, None] - c_ood[:, :-1])[rows, k95_in] / t_ood
+    return m
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_shared_sort_and_draws_equal_the_old_bootstrap(ties):
+    rng = np.random.default_rng(7)
+    s_id, s_ood = rng.normal(size=700), rng.normal(0.7, 1, size=90)
+    if ties:
+        s_id, s_ood = np.round(s_id, 1), np.round(s_ood, 1)
+    new = bootstrap_replicates(s_id, s_ood, n_boot=40, seed=3)
+    old = _old_bootstrap(s_id, s_ood, n_boot=40, seed=3)
+    for k in old:
+        assert np.array_equal(new[k], old[k]), k
+    ps = sort_pooled(s_id, s_ood)
+    assert evaluate(s_id, s_ood, n_boot=40, seed=3) == {
+        **compute_metrics(s_id, s_ood, pooled=ps),
+        "ci": {k: list(v) for k, v in bootstrap_ci(s_id, s_ood, n_boot=40, seed=3, pooled=ps).items()},
+    }
+
+
+def test_shared_draws_are_the_bootstrap_weights():
+    from oodcore.evaluation.resample import bootstrap_counts
+
+    c_id, c_ood = bootstrap_counts(50, 7, 12, 5)
+    w_id, w_ood = bootstrap_weights(50, 7, 12, seed=5)
+    assert np.array_equal(c_id, w_id) and np.array_equal(c_ood, w_ood)
+    assert bootstrap_counts(50, 7, 12, 5)[0] is c_id and not c_id.flags.writeable  # drawn once, shared read-only
+
+
+def test_first_true_is_argmax_of_a_monotone_predicate():
+    from oodcore.evaluation.resample import first_true
+
+    rng = np.random.default_rng(0)
+    cut = rng.integers(0, 13, size=40)  # 12 = never true
+    mat = np.arange(12)[None, :] >= cut[:, None]
+    got = first_true(lambda r, j: mat[r, j], 40, 12)
+    assert np.array_equal(got, np.argmax(mat, axis=1))
