@@ -3,6 +3,8 @@
 (The ones pytorch-ood 0.4.0 also has are cross-checked against it in test_crosscheck_pytorch_ood.py.)
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -210,3 +212,48 @@ def test_new_methods_on_the_demo(demo, name):
     auroc = compute_metrics(s_id, s_ood)["auroc"]
     # ASH-S at the paper's ImageNet p = 90 keeps 6 of the demo CNN's 64 activations: below chance here
     assert auroc > 0.5 or name == "ash_s", (name, auroc)
+
+
+def _old_knn(fit_feats, feats, k):
+    """The exact numpy KNN before faiss and the per-split table (float32 similarities, partition, float64 distance)."""
+
+    def norm(x):
+        return np.asarray(x, np.float64) / np.maximum(
+            np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True), 1e-12
+        )  # noqa: E731
+
+    inv = (1.0 / np.maximum(np.linalg.norm(np.asarray(fit_feats, np.float64), axis=1), 1e-12)).astype(np.float32)
+    n_fit = len(fit_feats)
+    kk = int(min(max(1, round(k)), n_fit))
+    q = norm(feats)
+    sims = q.astype(np.float32) @ np.asarray(fit_feats, np.float32).T
+    sims *= inv
+    kth = np.partition(sims, n_fit - kk, axis=1)[:, n_fit - kk]
+    idx = (sims == kth[:, None]).argmax(axis=1)
+    diff = q - norm(np.asarray(fit_feats)[idx])
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_knn_equals_the_previous_exact_numpy_code(demo, monkeypatch, use_faiss):
+    from oodcore.detectors import distance
+
+    if use_faiss:
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setattr(distance, "faiss_module", lambda: None)
+    data = dataclasses.replace(demo, states={})
+    fit = np.asarray(data.fit.features, np.float64)
+    fit /= np.linalg.norm(fit, axis=1, keepdims=True)
+    for k in (1, 5, 50, 200, 37):  # 37: not on the slider's ladder (one direct search)
+        for split in (data.id, data.ood):
+            ours = M.get("knn").score(data, split, k=k)
+            q = np.asarray(split.features, np.float64)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            exact = np.sort(np.sqrt(((q[:, None, :] - fit[None]) ** 2).sum(-1)), axis=1)[:, k - 1]
+            assert np.allclose(ours, exact, rtol=1e-12, atol=1e-14), k  # the exact float64 k-th distance
+            # the previous code selected by float32 similarities: the same up to near-ties (|Δ| < 1e-6)
+            assert np.allclose(ours, _old_knn(data.fit.features, split.features, k), rtol=0, atol=1e-6), k
+    state = M.get("knn").state(data)
+    assert ("faiss" in state["index"]) == use_faiss
+    assert len(state["memo"]._store) == 2  # one neighbour table per split, every ladder k a column

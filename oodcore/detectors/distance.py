@@ -14,8 +14,9 @@ import numpy as np
 
 from oodcore.detectors.features import fit_moments, split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import row_chunks
+from oodcore.detectors.numerics import row_chunks, slider_values
 from oodcore.detectors.registry import Param, register
+from oodcore.detectors.search import QUERY_BATCH, RowMemo, faiss_index, faiss_module, normalised32, top_neighbours
 
 RIDGE = 1e-10  # relative to the largest eigenvalue
 
@@ -139,58 +140,127 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def knn_bank(ctx: FitContext) -> dict:
-    """The fit features and 1 / ||f|| of every fit row (N_fit,), float32: the fit rows are normalised on the fly.
+    """The fit features, 1 / ||f|| of every fit row (float32), and a per-split memo of neighbour tables.
 
     Keeping only the inverse norms (not a normalised copy of the fit features) saves
-    N_fit x D x 4 bytes (400 MB for 50k x 2048).
+    N_fit x D x 4 bytes (400 MB for 50k x 2048); a faiss index (which holds its own normalised
+    copy) is built on the first search.
     """
     fit = ctx.require_fit(features=True)
     inv = np.empty(len(fit.features), dtype=np.float64)
     for sl in row_chunks(len(inv), fit.features.shape[1]):
         inv[sl] = 1.0 / np.maximum(np.linalg.norm(np.asarray(fit.features[sl], dtype=np.float64), axis=1), 1e-12)
-    return {"features": fit.features, "inv_norm": inv.astype(np.float32)}
+    return {"features": fit.features, "inv_norm": inv.astype(np.float32), "memo": RowMemo(), "index": {}}
+
+
+KNN_K = Param(
+    "k",
+    "neighbour k",
+    50.0,
+    1.0,
+    1000.0,
+    "log",
+    help="distance to the k-th nearest normalised fit feature (clipped to the fit size); the paper uses 1000 with all of ImageNet train, 50 on CIFAR",
+)
+
+
+def _knn_search(state: dict, q: np.ndarray, k: int) -> np.ndarray:
+    """(N, k) int64: the fit rows of each normalised query's k nearest normalised fit features, nearest first.
+
+    faiss (exact flat inner-product index over the normalised fit rows, built once per state) when
+    installed, else numpy: one float32 product per chunk (the fit rows scaled by their inverse norms).
+    """
+    if faiss_module() is not None and k <= 2048:
+        index = state["index"].get("faiss")
+        if index is None:
+            index = state["index"].setdefault("faiss", faiss_index(normalised32(state["features"])))
+        return top_neighbours(q, None, k, index=index)[1]
+    fit_feats, inv_norm = state["features"], state["inv_norm"]
+    n_fit = len(inv_norm)
+    out = np.empty((len(q), k), dtype=np.int64)
+    for sl in row_chunks(len(q), 2 * n_fit + q.shape[1], 4):
+        sims = q[sl] @ np.asarray(fit_feats, dtype=np.float32).T
+        sims *= inv_norm
+        cand = (
+            np.argpartition(sims, n_fit - k, axis=1)[:, n_fit - k :]
+            if k < n_fit
+            else np.tile(np.arange(n_fit), (sims.shape[0], 1))
+        )
+        order = np.argsort(-np.take_along_axis(sims, cand, axis=1), axis=1, kind="stable")
+        out[sl] = np.take_along_axis(cand, order, axis=1)
+    return out
+
+
+WINDOW = 2  # float32 similarities can swap near-tied neighbours: the k-th is re-ranked in float64 among k ± WINDOW
+
+
+def _window(k: int, n_fit: int) -> tuple[int, int]:
+    return max(0, k - 1 - WINDOW), min(n_fit, k + WINDOW)
+
+
+def _knn_table(state: dict, feats: np.ndarray) -> dict:
+    """Per split, once: the candidates for the k-th neighbour (ranks k ± WINDOW by float32 similarity) for every
+    k the slider offers (a 1-2-5 ladder up to k_max), from one search per query batch."""
+    n_fit = len(state["inv_norm"])
+    ks = sorted({int(min(max(1, round(v)), n_fit)) for v in slider_values(KNN_K)})
+    deepest = min(n_fit, ks[-1] + WINDOW)
+    cands = {k: np.empty((len(feats), _window(k, n_fit)[1] - _window(k, n_fit)[0]), dtype=np.int64) for k in ks}
+    for start in range(0, len(feats), QUERY_BATCH):  # one search per batch; only the ladder's windows are kept
+        neighbours = _knn_search(state, normalised32(feats[start : start + QUERY_BATCH]), deepest)
+        for k in ks:
+            lo, hi = _window(k, n_fit)
+            cands[k][start : start + len(neighbours)] = neighbours[:, lo:hi]
+    return {"ks": ks, "cands": cands, "dist": {}}
+
+
+def _kth_distance(feats: np.ndarray, fit_feats: np.ndarray, cands: np.ndarray, k: int, n_fit: int) -> np.ndarray:
+    """The k-th smallest exact (float64) distance, re-ranking each row's candidates (its float32 ranks k ± WINDOW).
+
+    ||f/||f|| - g/||g|| ||_2 in float64 for every candidate g; the k-th nearest is the one at position
+    k - 1 - lo among the sorted candidate distances (those ranked before the window are nearer).
+    """
+    lo, _ = _window(k, n_fit)
+    out = np.empty(len(feats))
+    width = cands.shape[1]
+    for sl in row_chunks(len(feats), (width + 1) * feats.shape[1]):
+        q = _normalise(feats[sl])
+        g = _normalise(np.asarray(fit_feats)[cands[sl].ravel()]).reshape(len(q), width, -1)
+        diff = g - q[:, None, :]
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        out[sl] = np.sort(dist, axis=1)[:, k - 1 - lo]
+    return out
 
 
 @register(
     "knn",
     "KNN",
     fit=knn_bank,
-    params=(
-        Param(
-            "k",
-            "neighbour k",
-            50.0,
-            1.0,
-            1000.0,
-            "log",
-            help="distance to the k-th nearest normalised fit feature (clipped to the fit size); the paper uses 1000 with all of ImageNet train, 50 on CIFAR",
-        ),
-    ),
+    params=(KNN_K,),
     needs=("features", "fit"),
     paper="Sun et al. 2022 (ICML), Out-of-Distribution Detection with Deep Nearest Neighbors",
 )
 def knn(state, rows, k):
     """||z - z_(k)||_2 with z = f / ||f||: the distance to the k-th nearest normalised fit feature.
 
-    Exact brute force: per row chunk, cosine similarities to every fit row by one
-    float32 product (scaled by the fit rows' inverse norms), the k-th largest by
-    np.partition (= the k-th nearest, since ||a - b||^2 = 2 - 2 a·b on the unit sphere),
-    then that neighbour's distance recomputed in float64.  Memory is bounded by the
-    chunk size (about 64 MB of similarities at a time) plus N_fit floats.
+    Exact search (cosine similarity = inner product of normalised vectors, so the k-th largest
+    similarity is the k-th nearest neighbour): faiss's flat inner-product index when installed,
+    else a float32 product per row chunk and a partition; the float32 ranks k ± 2 are then
+    re-ranked by their float64 distances (float32 can swap near-tied neighbours), so the result
+    is the exact float64 k-th distance.  Per split, the neighbour of every k the slider offers is
+    found in one search and kept with the fitted state, so a slider move is a column read; any
+    other k is one search.
     """
-    inv_norm = state["inv_norm"]
-    fit_feats = state["features"]
     feats = split_features(rows)
-    n_fit = len(inv_norm)
+    fit_feats, n_fit = state["features"], len(state["inv_norm"])
     kk = int(min(max(1, round(k)), n_fit))
-    col = n_fit - kk  # after a partition, column n_fit - k holds the k-th largest similarity
-    out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), n_fit + feats.shape[1], 4):
-        q = _normalise(feats[sl])
-        sims = q.astype(np.float32) @ fit_feats.T
-        sims *= inv_norm
-        kth = np.partition(sims, col, axis=1)[:, col]  # ~10x faster than np.argpartition here
-        idx = (sims == kth[:, None]).argmax(axis=1)  # the neighbour holding it
-        diff = q - _normalise(fit_feats[idx])  # exact float64 distance to the selected neighbour
-        out[sl] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return out
+    table = state["memo"].get("knn", feats, lambda: _knn_table(state, feats))
+    if kk not in table["cands"]:  # not on the slider's ladder: one search for this k
+        lo, hi = _window(kk, n_fit)
+        batches = range(0, len(feats), QUERY_BATCH)
+        cands = np.concatenate(
+            [_knn_search(state, normalised32(feats[b : b + QUERY_BATCH]), hi)[:, lo:hi] for b in batches]
+        )
+        return _kth_distance(feats, fit_feats, cands, kk, n_fit)
+    if kk not in table["dist"]:
+        table["dist"][kk] = _kth_distance(feats, fit_feats, table["cands"][kk], kk, n_fit)
+    return table["dist"][kk].copy()

@@ -1,13 +1,7 @@
-"""Nearest-neighbour search over the ID fit split, and NNGuide.
-
-`top_similarities(queries, bank, k)` returns each query's k largest inner products with the
-bank rows, sorted descending: through faiss (an exact flat inner-product index, batched
-queries; GPU when faiss-gpu and a GPU are present) when faiss is installed, else numpy (one
-float32 product per row chunk and a partition).  Both are exact float32 searches.
+"""NNGuide: energy guided by the nearest energy-scaled fit features (search: oodcore.detectors.search).
 
 NNGuide's score needs, per query row, the mean of its top-k similarities: the state keeps, per
-split, the running sums of the top-k_max similarities (computed once), so a k slider reads a
-column.  numpy (+ optional faiss).
+split, that mean for every k the slider offers (one search), so a k slider reads a column.  numpy (+ optional faiss).
 """
 
 from __future__ import annotations
@@ -16,65 +10,21 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import logsumexp, row_chunks
+from oodcore.detectors.numerics import logsumexp, slider_values
 from oodcore.detectors.registry import Param, register
-from oodcore.detectors.shaping import RowMemo
-
-QUERY_BATCH = 4096
-
-
-def faiss_module():
-    """faiss when installed (faiss-cpu or faiss-gpu), else None."""
-    try:
-        import faiss
-    except ImportError:  # the light core runs without it: numpy search
-        return None
-    return faiss
-
-
-def _faiss_index(faiss, bank: np.ndarray):
-    index = faiss.IndexFlatIP(bank.shape[1])
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:  # faiss-gpu
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(bank)
-    return index
-
-
-def top_similarities(queries: np.ndarray, bank: np.ndarray, k: int, use_faiss: bool | None = None) -> np.ndarray:
-    """(N, k) float32: each query row's k largest inner products with the bank rows, descending (exact search)."""
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    k = int(min(max(1, k), len(bank)))
-    out = np.empty((len(queries), k), dtype=np.float32)
-    faiss = faiss_module() if use_faiss in (None, True) else None
-    if use_faiss and faiss is None:
-        raise RuntimeError("faiss is not installed: pip install faiss-cpu")
-    if faiss is not None and k <= 2048:  # faiss's flat-index search caps k at 2048 (GPU) / heap size
-        index = _faiss_index(faiss, bank)
-        for start in range(0, len(queries), QUERY_BATCH):
-            q = np.ascontiguousarray(queries[start : start + QUERY_BATCH], dtype=np.float32)
-            sims, _ = index.search(q, k)
-            out[start : start + len(q)] = sims
-        return out
-    for sl in row_chunks(len(queries), len(bank) + queries.shape[1], 4):
-        sims = np.asarray(queries[sl], dtype=np.float32) @ bank.T
-        if k < len(bank):
-            sims = np.partition(sims, len(bank) - k, axis=1)[:, len(bank) - k :]
-        out[sl] = -np.sort(-sims, axis=1)
-    return out
-
-
-def normalised32(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (float64 norms), as float32."""
-    out = np.empty(x.shape, dtype=np.float32)
-    for sl in row_chunks(len(x), x.shape[1]):
-        r = np.asarray(x[sl], dtype=np.float64)
-        out[sl] = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    return out
-
+from oodcore.detectors.search import QUERY_BATCH, RowMemo, normalised32, top_similarities
 
 # ----------------------------------------------------------------------------- NNGuide
 
-NNGUIDE_K_MAX = 500
+NNGUIDE_K = Param(
+    "k",
+    "neighbour k",
+    100.0,
+    1.0,
+    500.0,
+    "log",
+    help="guidance = mean of the k largest similarities to the energy-scaled fit bank (clipped to the fit size); the paper uses 100 on ImageNet",
+)
 
 
 def fit_nnguide(ctx: FitContext) -> dict:
@@ -82,34 +32,27 @@ def fit_nnguide(ctx: FitContext) -> dict:
     fit = ctx.require_fit(features=True)
     conf = logsumexp(np.asarray(fit.logits, dtype=np.float64))
     bank = normalised32(fit.features) * conf.astype(np.float32)[:, None]
-    return {"bank": bank, "k_max": int(min(NNGUIDE_K_MAX, len(bank))), "memo": RowMemo()}
+    return {"bank": bank, "memo": RowMemo()}
 
 
-def _guidance_sums(state: dict, feats: np.ndarray) -> np.ndarray:
-    """(N, k_max) float64 running sums of each row's top-k_max bank similarities (computed once per split)."""
-
-    def build():
-        sims = top_similarities(normalised32(feats), state["bank"], state["k_max"])
-        return np.cumsum(sims, axis=1, dtype=np.float64)
-
-    return state["memo"].get("guidance", feats, build)
+def _guidance_table(state: dict, feats: np.ndarray) -> dict[int, np.ndarray]:
+    """Per split, once: the mean of the top-k bank similarities for every k the slider offers (one search)."""
+    n_bank = len(state["bank"])
+    ks = sorted({int(min(max(1, round(v)), n_bank)) for v in slider_values(NNGUIDE_K)})
+    out = {k: np.empty(len(feats)) for k in ks}
+    for start in range(0, len(feats), QUERY_BATCH):
+        sims = top_similarities(normalised32(feats[start : start + QUERY_BATCH]), state["bank"], ks[-1])
+        sums = np.cumsum(sims, axis=1, dtype=np.float64)
+        for k in ks:
+            out[k][start : start + len(sims)] = sums[:, k - 1] / k
+    return out
 
 
 @register(
     "nnguide",
     "NNGuide",
     fit=fit_nnguide,
-    params=(
-        Param(
-            "k",
-            "neighbour k",
-            100.0,
-            1.0,
-            float(NNGUIDE_K_MAX),
-            "log",
-            help="guidance = mean of the k largest similarities to the energy-scaled fit bank (clipped to the fit size); the paper uses 100 on ImageNet",
-        ),
-    ),
+    params=(NNGUIDE_K,),
     needs=("logits", "features", "fit"),
     paper="Park et al. 2023 (ICCV), Nearest Neighbor Guidance for Out-of-Distribution Detection",
 )
@@ -118,13 +61,21 @@ def nnguide(state, rows, k):
 
     E = logsumexp of the logits (the confidence, higher for ID), f̂ = f / ||f||.  The bank holds
     every fit row (the paper samples 1% of ImageNet train; fit on a subset for that).  The top-k
-    search is exact (faiss flat inner-product index, or numpy).
+    search is exact (faiss flat inner-product index, or numpy); per split, the guidance of every k
+    the slider offers comes from one search, so a slider move is a column read.
     """
     feats = split_features(rows)
     kk = int(min(max(1, round(k)), len(state["bank"])))
     conf = logsumexp(np.asarray(rows.logits, dtype=np.float64))
-    if kk <= state["k_max"]:
-        guidance = _guidance_sums(state, feats)[:, kk - 1] / kk
+    table = state["memo"].get("guidance", feats, lambda: _guidance_table(state, feats))
+    if kk in table:
+        guidance = table[kk]
     else:
-        guidance = top_similarities(normalised32(feats), state["bank"], kk).sum(axis=1, dtype=np.float64) / kk
+        sims = np.concatenate(
+            [
+                top_similarities(normalised32(feats[b : b + QUERY_BATCH]), state["bank"], kk)
+                for b in range(0, len(feats), QUERY_BATCH)
+            ]
+        )
+        guidance = sims.sum(axis=1, dtype=np.float64) / kk
     return -guidance * conf

@@ -5,7 +5,8 @@ numpy only, so pages that only read the cache never import torch.
 
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -70,3 +71,21 @@ def softmax_parts(z: np.ndarray) -> dict:
         others[np.arange(len(lost)), top[lost]] = -np.inf
         log_rest[lost] = logsumexp(others) - m[lost]
     return {"top": top, "lse": lse, "p": e / total[:, None], "lp": z - lse[:, None], "log_rest": log_rest}
+
+
+def ladder(low: float, high: float, extra: Iterable[float] = ()) -> list[float]:
+    """1-2-5 values per decade within [low, high], plus `extra` (e.g. the default), sorted."""
+    values = set(float(v) for v in extra)
+    for decade in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1):
+        for m in (1.0, 2.0, 5.0):
+            v = float(f"{m * 10.0**decade:.6g}")
+            if low * (1 - 1e-9) <= v <= high * (1 + 1e-9):
+                values.add(v)
+    values.update({float(low), float(high)})
+    return sorted(values)
+
+
+def slider_values(param) -> list[float]:
+    """The values the app's slider offers for a log-scale parameter (a 1-2-5 ladder plus the default): what a
+    detector precomputes per split so that a slider move is a column read."""
+    return ladder(param.low, param.high, [param.default])

@@ -15,45 +15,14 @@ numpy only.
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import logsumexp, row_chunks
 from oodcore.detectors.registry import Param, register
+from oodcore.detectors.search import RowMemo
 from oodcore.store.rundata import SplitArrays
-
-# ----------------------------------------------------------------------------- shared: per-row order
-
-
-class RowMemo:
-    """A per-array memo held by a fitted state: what a slider only slices, computed once per split.
-
-    Keyed by the identity of the split's feature array (checked through a weak reference, so
-    a new array at a recycled id is never served a stale entry); entries die with their array.
-    """
-
-    def __init__(self):
-        self._store: dict[tuple, tuple] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str, array: np.ndarray, build):
-        key = (name, id(array))
-        with self._lock:
-            hit = self._store.get(key)
-            if hit is not None and hit[0]() is array:
-                return hit[1]
-        value = build()
-        try:
-            ref = weakref.ref(array, lambda _r, k=key, s=self._store: s.pop(k, None))
-        except TypeError:  # not weak-referenceable (e.g. a memmap subclass edge case): no memo
-            return value
-        with self._lock:
-            self._store[key] = (ref, value)
-        return value
 
 
 def kept_count(d: int, p: float) -> int:

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from oodcore import detectors as M
+from oodcore.detectors.numerics import ladder
 from oodcore.evaluation.metrics import METRIC_NAMES, compute_metrics, threshold_at_tpr
 from oodcore.store.rundata import BenchmarkData, SplitArrays
 
@@ -143,16 +144,7 @@ def percentile_among(value: float, reference: np.ndarray) -> float:
     return 100.0 * (np.mean(reference < value) + 0.5 * np.mean(reference == value))
 
 
-def log_ladder(low: float, high: float, extra: Iterable[float] = ()) -> list[float]:
-    """1-2-5 values per decade within [low, high], plus `extra` (e.g. the default), sorted."""
-    values = set(float(v) for v in extra)
-    for decade in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1):
-        for m in (1.0, 2.0, 5.0):
-            v = float(f"{m * 10.0**decade:.6g}")
-            if low * (1 - 1e-9) <= v <= high * (1 + 1e-9):
-                values.add(v)
-    values.update({float(low), float(high)})
-    return sorted(values)
+log_ladder = ladder  # the slider values of a log-scale parameter (oodcore.detectors.numerics)
 
 
 def param_options(method: M.Method, param: M.Param, data: BenchmarkData | None) -> list[float] | None:
