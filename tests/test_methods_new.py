@@ -78,8 +78,13 @@ def test_ash_slider_reads_one_table_and_refuses_p_100():
     assert state is M.get("scale").state(data)  # one shared state, one table per split
     assert len(state["memo"]._store) == 2
     assert FIT.context_of(data).calls["shaping_head"] == 1
-    with pytest.raises(ValueError, match="p < 100"):
-        M.get("ash_p").score_id_ood(data, p=99.99)
+    with pytest.raises(ValueError, match="outside"):
+        M.get("ash_p").score_id_ood(data, p=100.0)
+    # on D = 8, p = 99 would keep no activation: the largest one is kept
+    w, b = head_of(data)
+    f = np.asarray(data.id.features, np.float64)
+    top = np.where(f == f.max(axis=1, keepdims=True), f, 0.0)
+    assert M.get("ash_p").score(data, data.id, p=99.0) == pytest.approx(energy(top @ w.T + b), rel=1e-6)
 
 
 def test_optfs_against_the_authors_masks():

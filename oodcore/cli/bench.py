@@ -281,14 +281,18 @@ def run_bench(args) -> int:
             f"(b) ODIN grid {od['grid']} on {od['images']} images: naive {od['naive_s']:.1f} s, ours {od['ours_s']:.1f} s, "
             f"ratio {od['ratio']:.2f}x (scores agree to {od['max_abs_score_diff']:.1e})"
         )
-    data = synthetic_benchmark(n_id=5_000 if quick else 50_000, n_ood=2_000)
-    me = bench_methods(data, n_boot=50 if quick else 200, plain_img_s=ex["plain_img_s"])
-    report["methods"] = me
-    per = ", ".join(f"{k} {v['score_s'] + v['metrics_s']:.2f}s" for k, v in me["methods"].items())
+    from oodcore.cli.bench_detectors import bench_detectors, describe
+
+    det = bench_detectors(
+        synthetic_benchmark(n_id=5_000 if quick else 50_000, n_ood=2_000), n_boot=50 if quick else 200
+    )
+    report["methods"] = det  # its stable keys: methods_seconds_52k, per_method_seconds, slider_seconds_52k
+    rerun = len(det["per_method_seconds"]) * det["samples"] / ex["plain_img_s"]
+    for line in describe(det):
+        print(line)
     print(
-        f"(c) {len(me['methods'])} methods + 5 metrics + {me['bootstrap']} bootstrap CIs on {me['samples']} x {me['classes']} "
-        f"logits / {me['feature_dim']}-d features from cache: {me['total_s']:.2f} s ({per}); re-running the network per method "
-        f"would take ~{me['plain_rerun_estimate_s']:.0f} s at the plain rate: {me['ratio_vs_rerun_estimate']:.0f}x"
+        f"    re-running the network per method would take ~{rerun:.0f} s at the plain rate: "
+        f"{rerun / det['methods_seconds_52k']:.0f}x"
     )
     sl = bench_slider()
     report["slider"] = sl

@@ -16,7 +16,15 @@ from oodcore.detectors.features import fit_moments, split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import row_chunks, slider_values
 from oodcore.detectors.registry import Param, register
-from oodcore.detectors.search import QUERY_BATCH, RowMemo, faiss_index, faiss_module, normalised32, top_neighbours
+from oodcore.detectors.search import (
+    QUERY_BATCH,
+    TABLE_K_MAX,
+    RowMemo,
+    faiss_index,
+    faiss_module,
+    normalised32,
+    top_neighbours,
+)
 
 RIDGE = 1e-10  # relative to the largest eigenvalue
 
@@ -200,9 +208,9 @@ def _window(k: int, n_fit: int) -> tuple[int, int]:
 
 def _knn_table(state: dict, feats: np.ndarray) -> dict:
     """Per split, once: the candidates for the k-th neighbour (ranks k ± WINDOW by float32 similarity) for every
-    k the slider offers (a 1-2-5 ladder up to k_max), from one search per query batch."""
+    k the slider offers up to TABLE_K_MAX (a 1-2-5 ladder), from one search per query batch."""
     n_fit = len(state["inv_norm"])
-    ks = sorted({int(min(max(1, round(v)), n_fit)) for v in slider_values(KNN_K)})
+    ks = sorted({int(min(max(1, round(v)), n_fit)) for v in slider_values(KNN_K) if v <= TABLE_K_MAX})
     deepest = min(n_fit, ks[-1] + WINDOW)
     cands = {k: np.empty((len(feats), _window(k, n_fit)[1] - _window(k, n_fit)[0]), dtype=np.int64) for k in ks}
     for start in range(0, len(feats), QUERY_BATCH):  # one search per batch; only the ladder's windows are kept

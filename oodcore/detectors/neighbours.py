@@ -12,7 +12,7 @@ from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import logsumexp, slider_values
 from oodcore.detectors.registry import Param, register
-from oodcore.detectors.search import QUERY_BATCH, RowMemo, normalised32, top_similarities
+from oodcore.detectors.search import QUERY_BATCH, TABLE_K_MAX, RowMemo, normalised32, top_similarities
 
 # ----------------------------------------------------------------------------- NNGuide
 
@@ -36,9 +36,9 @@ def fit_nnguide(ctx: FitContext) -> dict:
 
 
 def _guidance_table(state: dict, feats: np.ndarray) -> dict[int, np.ndarray]:
-    """Per split, once: the mean of the top-k bank similarities for every k the slider offers (one search)."""
+    """Per split, once: the mean of the top-k bank similarities for every k the slider offers up to TABLE_K_MAX."""
     n_bank = len(state["bank"])
-    ks = sorted({int(min(max(1, round(v)), n_bank)) for v in slider_values(NNGUIDE_K)})
+    ks = sorted({int(min(max(1, round(v)), n_bank)) for v in slider_values(NNGUIDE_K) if v <= TABLE_K_MAX})
     out = {k: np.empty(len(feats)) for k in ks}
     for start in range(0, len(feats), QUERY_BATCH):
         sims = top_similarities(normalised32(feats[start : start + QUERY_BATCH]), state["bank"], ks[-1])

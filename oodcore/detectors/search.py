@@ -45,6 +45,10 @@ class RowMemo:
 
 
 QUERY_BATCH = 4096
+# The per-split neighbour tables cover the slider's k values up to this many neighbours: a deeper
+# search (k = 500, 1000) costs several times the similarity product itself (selection, not BLAS,
+# dominates), so those values are searched when asked for.
+TABLE_K_MAX = 200
 
 
 def faiss_module():

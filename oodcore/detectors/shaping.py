@@ -26,8 +26,9 @@ from oodcore.store.rundata import SplitArrays
 
 
 def kept_count(d: int, p: float) -> int:
-    """How many of D activations survive pruning at percentile p (%): D - round(D p / 100), as pytorch-ood."""
-    return int(d - int(np.round(d * (float(p) / 100.0))))
+    """How many of D activations survive pruning at percentile p (%): D - round(D p / 100), as pytorch-ood,
+    but at least one (on small D a high p would otherwise keep none)."""
+    return max(1, int(d - int(np.round(d * (float(p) / 100.0)))))
 
 
 TABLE_PERCENTS = np.arange(0, 100)  # the slider's whole percentages: one column each in the per-split table
@@ -48,7 +49,6 @@ def _row_table(features: np.ndarray) -> dict:
     """
     n, d = features.shape
     ks = np.unique([kept_count(d, p) for p in TABLE_PERCENTS])
-    ks = ks[ks > 0]
     thr = np.empty((n, len(ks)), dtype=np.float32)
     s2 = np.empty((n, len(ks)))
     total = np.empty(n)
@@ -105,10 +105,9 @@ def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
 
 def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
     feats = split_features(rows)
-    k = kept_count(feats.shape[1], p)
-    if k <= 0:
-        raise ValueError(f"p = {p} prunes every activation (D = {feats.shape[1]}); use p < 100")
-    return feats, k
+    if not 0.0 <= float(p) < 100.0:
+        raise ValueError(f"p = {p} is outside [0, 100): a percentile of the activations to prune")
+    return feats, kept_count(feats.shape[1], p)
 
 
 def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:

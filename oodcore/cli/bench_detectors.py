@@ -1,0 +1,102 @@
+"""Detector speed at ImageNet scale (issue 13 items 3-4): every registered detector + 5 metrics + bootstrap CIs,
+and one slider move per detector, on a synthetic 52k-row run.
+
+`bench_detectors(data)` returns a JSON-able dict with the stable keys `methods_seconds_52k` (all
+methods, scores + metrics + CIs, fitted state computed once per run and counted in the first method
+that needs it), `per_method_seconds` {method: s} and `slider_seconds_52k` {method: s} (the app's path
+for one slider move, `analysis.metrics_for`: scores at the new setting + 5 metrics + the 95%-TPR
+threshold, after the method's first evaluation), plus `methods` (score/metric split per method) for
+the report.  Timings only; correctness is the tests' job.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def slider_target(method, param, data) -> float | None:
+    """The value one slider move goes to: the next option after the default (select sliders), or ten
+    steps up (plain sliders); None when the parameter offers only one value on this run."""
+    from oodcore.evaluation.analysis import param_options
+
+    options = param_options(method, param, data)
+    if options is not None:
+        later = [o for o in options if o > param.default]
+        earlier = [o for o in options if o < param.default]
+        return later[0] if later else (earlier[-1] if earlier else None)
+    step = (param.high - param.low) / 100
+    if all(float(v).is_integer() for v in (param.low, param.high, param.default)):
+        step = float(max(1, round(step)))
+    target = param.default + 10 * step
+    return float(min(param.high, target)) if target != param.default else None
+
+
+def bench_detectors(data, n_boot: int = 200, slider: bool = True) -> dict:
+    """Every available method on `data` (a fresh run: nothing fitted yet) + metrics + CIs, then one slider move each."""
+    from oodcore import detectors as M
+    from oodcore.evaluation.analysis import metrics_for
+    from oodcore.evaluation.metrics import evaluate
+
+    per, rows, sliders = {}, {}, {}
+    methods = [m for m in M.available_methods(data) if not m.trained_on_ood]
+    for method in methods:
+        t_score, (s_id, s_ood) = _timed(lambda: method.score_id_ood(data))
+        t_metric, _ = _timed(lambda: evaluate(s_id, s_ood, n_boot=n_boot))
+        rows[method.name] = {"score_s": t_score, "metrics_s": t_metric}
+        per[method.name] = t_score + t_metric
+    if slider:
+        for method in methods:
+            for param in method.params:
+                target = slider_target(method, param, data)
+                if target is None:
+                    continue
+                params = {**method.defaults(), param.name: target}
+                t, _ = _timed(lambda: metrics_for(data, method, params))
+                sliders[method.name] = t
+                rows[method.name]["slider"] = {"param": param.name, "to": target, "seconds": t}
+                break
+    n = len(data.id) + len(data.ood)
+    return {
+        "methods_seconds_52k": float(sum(per.values())),
+        "per_method_seconds": per,
+        "slider_seconds_52k": sliders,
+        "methods": rows,
+        "samples": n,
+        "n_id": len(data.id),
+        "n_ood": len(data.ood),
+        "n_fit": 0 if data.fit is None else len(data.fit),
+        "classes": data.n_classes,
+        "feature_dim": None if data.id.features is None else int(data.id.features.shape[1]),
+        "bootstrap": n_boot,
+        "faiss": _faiss_version(),
+    }
+
+
+def _faiss_version() -> str | None:
+    from oodcore.detectors.search import faiss_module
+
+    faiss = faiss_module()
+    return None if faiss is None else getattr(faiss, "__version__", "?")
+
+
+def describe(result: dict) -> list[str]:
+    """The bench's printed lines for the detectors: the total, each method's time and each slider move."""
+    per = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(result["per_method_seconds"].items(), key=lambda kv: -kv[1]))
+    slow = [k for k, v in result["slider_seconds_52k"].items() if v >= 1.0]
+    sl = ", ".join(
+        f"{k} {1000 * v:.0f} ms" for k, v in sorted(result["slider_seconds_52k"].items(), key=lambda kv: -kv[1])
+    )
+    return [
+        f"(c) {len(result['per_method_seconds'])} detectors + 5 metrics + {result['bootstrap']} bootstrap CIs on "
+        f"{result['samples']:,} rows ({result['n_id']:,} ID / {result['n_ood']:,} OOD, {result['classes']} classes, "
+        f"{result['feature_dim']}-d features, {result['n_fit']:,} fit rows; faiss {result['faiss'] or 'absent'}): "
+        f"{result['methods_seconds_52k']:.1f} s in total, fitting included ({per})",
+        f"    slider move per detector (scores at the new setting + 5 metrics + threshold): {sl}"
+        + (f"; over 1 s: {', '.join(slow)}" if slow else "; every one under 1 s"),
+    ]
