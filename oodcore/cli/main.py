@@ -177,6 +177,15 @@ def _report(data, args) -> int:
     return 0
 
 
+def _with_fitted_store(data, root):
+    """Fitted detector states are read from / saved beside the run (`<run>/fitted/`), so they are fitted once per run."""
+    from oodcore.detectors.persist import attach
+    from oodcore.store.cache import arch_dir
+
+    attach(data, arch_dir(root, data.benchmark, data.arch))
+    return data
+
+
 def cmd_demo(args) -> int:
     from oodcore.extraction import demo
     from oodcore.store import cache
@@ -185,7 +194,7 @@ def cmd_demo(args) -> int:
     if args.rebuild or not demo.is_built(root):
         print(f"building the demo benchmark under {root} (once; seconds on a CPU)", file=sys.stderr)
     demo.build_demo(root, force=args.rebuild, progress=_stderr_progress())
-    return _report(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), args)
+    return _report(_with_fitted_store(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), root), args)
 
 
 def cmd_run(args) -> int:
@@ -238,7 +247,7 @@ def cmd_run(args) -> int:
         raise CliError(str(exc)) from None
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    data = cache.load_benchmark(root, benchmark, args.arch)
+    data = _with_fitted_store(cache.load_benchmark(root, benchmark, args.arch), root)
     if data.meta.get("skipped"):
         print(f"skipped {len(data.meta['skipped'])} unreadable file(s):", file=sys.stderr)
         for s in data.meta["skipped"][:20]:
@@ -290,7 +299,7 @@ def cmd_export(args) -> int:
 
     root = cache_root(args.cache_dir)
     try:
-        data = load_benchmark(root, args.benchmark, args.arch)
+        data = _with_fitted_store(load_benchmark(root, args.benchmark, args.arch), root)
     except (CacheMissing, ValueError) as exc:
         raise CliError(str(exc)) from None
     npz, side = export_run(data, args.npz)

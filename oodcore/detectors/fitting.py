@@ -31,6 +31,7 @@ class FitContext:
     head_bias: np.ndarray | None
     n_classes: int
     calls: Counter = field(default_factory=Counter)  # how often each state or shared piece was built (tests)
+    store: Any = None  # a persist.StateStore: fitted states saved beside the run (see oodcore.detectors.persist)
     _shared: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -77,4 +78,16 @@ def fitted_state(method, data: BenchmarkData, fit_params: dict[str, float]) -> A
         return None
     ctx = context_of(data)
     key = ("state", method.name, tuple(sorted(fit_params.items())))
-    return ctx.shared(key, lambda: method.fit_fn(ctx, **fit_params))
+
+    def build():
+        store = ctx.store
+        if store is not None:
+            stored = store.load(method.name, fit_params)
+            if stored is not None:
+                return stored
+        state = method.fit_fn(ctx, **fit_params)
+        if store is not None:
+            store.save(method.name, fit_params, state)
+        return state
+
+    return ctx.shared(key, build)

@@ -91,7 +91,13 @@ def _cached(kind: str, **kwargs):
         # copies of features on every rerun (cache_data) would cost more than the slider's work.
         @st.cache_resource(max_entries=16, show_spinner="Loading the cached run…")
         def load(root: str, benchmark: str, arch: str, token: str) -> BenchmarkData:
-            return _freeze(C.load_benchmark(Path(root), benchmark, arch))
+            from oodcore.detectors.persist import attach
+            from oodcore.explorer.settings import readonly
+
+            data = _freeze(C.load_benchmark(Path(root), benchmark, arch))
+            # fitted states come from / go to the run's fitted/ folder (read only in a read-only deployment)
+            attach(data, C.arch_dir(Path(root), benchmark, arch), writable=not readonly())
+            return data
 
         @st.cache_resource(max_entries=16, show_spinner=False)
         def thumbs(root: str, benchmark: str, arch: str, split: str, token: str):

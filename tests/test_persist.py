@@ -1,0 +1,90 @@
+"""Fitted detector state saved beside the run (issue 9 item 4): written once, read back identical, keyed."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from oodcore import detectors as M
+from oodcore.detectors import fitting as FIT
+from oodcore.detectors import persist
+from oodcore.store import cache
+
+
+@pytest.fixture
+def run_copy(demo_cache, tmp_path):
+    root = tmp_path / "cache"
+    shutil.copytree(demo_cache / "demo", root / "demo", ignore=shutil.ignore_patterns("fitted"))
+    return root
+
+
+def _load(root, writable=True):
+    data = cache.load_benchmark(root, "demo", "digits_cnn")
+    store = persist.attach(data, cache.arch_dir(root, "demo", "digits_cnn"), writable=writable)
+    return data, store
+
+
+def _all_scores(data):
+    return {m.name: np.r_[m.score_id_ood(data)] for m in M.available_methods(data) if not m.trained_on_ood}
+
+
+def test_flatten_round_trip():
+    state = {"a": np.arange(3.0), "b": {"c": 2, "d": 0.5, "e": np.ones((2, 2), np.float32)}}
+    arrays = {}
+    assert persist._flatten(state, "", arrays)
+    back = persist._unflatten(arrays)
+    assert back["b"]["c"] == 2 and isinstance(back["b"]["c"], int) and back["b"]["d"] == 0.5
+    assert np.array_equal(back["a"], state["a"]) and back["b"]["e"].dtype == np.float32
+    assert persist._unflatten({k: v for k, v in [("_#scalar", np.asarray(1.5))]}) == 1.5
+    assert not persist._flatten({"memo": object()}, "", {})
+
+
+@pytest.mark.slow
+def test_states_are_fitted_once_per_run_and_read_back_identical(run_copy):
+    fresh = cache.load_benchmark(run_copy, "demo", "digits_cnn")
+    expected = _all_scores(fresh)  # no store: fitted in memory
+
+    data, store = _load(run_copy)
+    first = _all_scores(data)
+    folder = cache.arch_dir(run_copy, "demo", "digits_cnn") / persist.FITTED_DIR
+    written = sorted(p.name.split("-")[0] for p in folder.glob("*.npz"))
+    assert {"mahalanobis", "rel_mahalanobis", "vim", "she", "caref", "fdbd", "nci", "optfs", "temp_scaling"} <= set(
+        written
+    )
+    assert "knn" not in written and "ash_s" not in written  # they hold the run's arrays / per-split memos
+    assert store.saved and not store.loaded
+
+    again, store2 = _load(run_copy)  # a new process, in effect
+    second = _all_scores(again)
+    assert set(store2.loaded) == set(store.saved) and not store2.saved
+    calls = FIT.context_of(again).calls
+    assert calls["fit_moments"] == 0 and calls["vim_basis"] == 0  # nothing refitted that was stored
+    for name in expected:
+        assert np.array_equal(first[name], expected[name]), name
+        assert np.array_equal(second[name], expected[name]), name
+
+
+def test_a_fit_parameter_is_its_own_file_and_damage_means_refit(run_copy):
+    data, store = _load(run_copy)
+    M.get("vim").score_id_ood(data, dim=8)
+    M.get("vim").score_id_ood(data, dim=16)
+    assert store.path("vim", {"dim": 8.0}) != store.path("vim", {"dim": 16.0})
+    assert store.path("vim", {"dim": 8.0}).is_file() and store.path("vim", {"dim": 16.0}).is_file()
+    store.path("vim", {"dim": 8.0}).write_bytes(b"not an npz")
+    again, store2 = _load(run_copy)
+    s = M.get("vim").score_id_ood(again, dim=8)
+    assert "vim" not in store2.loaded and "vim" in store2.saved  # refitted and rewritten
+    assert np.array_equal(np.r_[s], np.r_[M.get("vim").score_id_ood(data, dim=8)])
+
+
+def test_the_key_follows_the_run(run_copy):
+    data, store = _load(run_copy)
+    other = persist.StateStore(store.folder, {**data.meta, "key": "something-else"}, [])
+    assert store.path("mahalanobis", {}) != other.path("mahalanobis", {})
+
+
+def test_read_only_store_never_writes(run_copy):
+    data, store = _load(run_copy, writable=False)
+    M.get("mahalanobis").score_id_ood(data)
+    assert not store.saved
+    assert not (cache.arch_dir(run_copy, "demo", "digits_cnn") / persist.FITTED_DIR).exists()
