@@ -183,6 +183,12 @@ def test_main_path_in_a_browser(server, browser):
     time.sleep(1.0)
     page.screenshot(path=str(ARTIFACTS / "e2e_3_misfires.png"), full_page=True)
 
+    # 3b. the study view renders (one architecture here: its scatter point and heatmap row)
+    page.locator('[data-testid="stSidebarNav"] a', has_text="Study").click()
+    page.get_by_role("heading", name="Study").wait_for()
+    page.locator(".vega-embed").nth(1).wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "e2e_3b_study.png"), full_page=True)
+
     # 4. curves render
     page.locator('[data-testid="stSidebarNav"] a', has_text="Curves").click()
     page.get_by_role("heading", name="Curves").wait_for()
