@@ -31,6 +31,10 @@ __all__ = ["NEEDS", "MethodUnavailable", "Param", "Method", "REGISTRY", "registe
 
 NEEDS = ("logits", "features", "head", "fit", "odin_grid")
 
+# A split's per-row scores of a method at its default setting, stored by a pass that had what the
+# method needs (a shared bundle: `oodcore share`); `precomputed[DEFAULT_SCORES + name]`.
+DEFAULT_SCORES = "default/"
+
 
 @dataclass(frozen=True)
 class Param:
@@ -81,13 +85,28 @@ class Method:
         return {p.name: resolved[p.name] for p in self.params if not p.fit}
 
     def available(self, data: BenchmarkData) -> bool:
-        return not missing_needs(self, data)
+        return not missing_needs(self, data) or self.has_stored_defaults(data)
+
+    def has_stored_defaults(self, data: BenchmarkData) -> bool:
+        """Both splits carry this method's precomputed default-setting scores (see DEFAULT_SCORES)."""
+        key = DEFAULT_SCORES + self.name
+        return key in data.id.precomputed and key in data.ood.precomputed
+
+    def stored_scores(self, rows: SplitArrays, params: dict | None) -> np.ndarray | None:
+        """The rows' precomputed scores when `params` resolve to the defaults they were computed at."""
+        values = rows.precomputed.get(DEFAULT_SCORES + self.name)
+        if values is None or self.resolve(params) != self.defaults():
+            return None
+        return np.asarray(values, dtype=np.float64)
 
     def state(self, data: BenchmarkData, **params) -> Any:
         """The fitted state for these parameters, fitted once per run (see oodcore.detectors.fitting)."""
         missing = missing_needs(self, data)
         if missing:
-            raise MethodUnavailable(f"{self.name} needs {', '.join(sorted(missing))}, which this cache lacks")
+            only = (
+                "; only its default setting's precomputed scores are stored" if self.has_stored_defaults(data) else ""
+            )
+            raise MethodUnavailable(f"{self.name} needs {', '.join(sorted(missing))}, which this cache lacks{only}")
         return fitted_state(self, data, self.fit_params(self.resolve(params)))
 
     def score_rows(self, state: Any, rows: SplitArrays, **params) -> np.ndarray:
@@ -99,10 +118,19 @@ class Method:
         return scores
 
     def score(self, data: BenchmarkData, rows: SplitArrays, **params) -> np.ndarray:
-        """Fit (memoised) on `data`, then score `rows`: data.id, data.ood, or a new image's row."""
+        """Fit (memoised) on `data`, then score `rows`: data.id, data.ood, or a new image's row.
+
+        Rows that carry this method's stored default-setting scores return them at that setting.
+        """
+        stored = self.stored_scores(rows, params)
+        if stored is not None:
+            return stored
         return self.score_rows(self.state(data, **params), rows, **params)
 
     def score_id_ood(self, data: BenchmarkData, **params) -> tuple[np.ndarray, np.ndarray]:
+        s_id, s_ood = self.stored_scores(data.id, params), self.stored_scores(data.ood, params)
+        if s_id is not None and s_ood is not None:
+            return s_id, s_ood
         state = self.state(data, **params)
         return self.score_rows(state, data.id, **params), self.score_rows(state, data.ood, **params)
 

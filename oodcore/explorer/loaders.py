@@ -17,8 +17,14 @@ from oodcore.evaluation.analysis import (
     odin_auroc_grid,
     softmax_confidence,
 )
+from oodcore.share import bundle as shared_bundle
 from oodcore.store import cache as C
 from oodcore.store.rundata import BenchmarkData
+
+
+def store_of(root: Path):
+    """What reads `root`: a shared bundle's reader (`oodcore share`) or the cache; both give BenchmarkData."""
+    return shared_bundle if shared_bundle.is_bundle(Path(root)) else C
 
 
 def run_token(run: dict, root: Path | None = None) -> str:
@@ -94,14 +100,16 @@ def _cached(kind: str, **kwargs):
             from oodcore.detectors.persist import attach
             from oodcore.explorer.settings import readonly
 
-            data = _freeze(C.load_benchmark(Path(root), benchmark, arch))
-            # fitted states come from / go to the run's fitted/ folder (read only in a read-only deployment)
-            attach(data, C.arch_dir(Path(root), benchmark, arch), writable=not readonly())
+            store = store_of(root)
+            data = _freeze(store.load_benchmark(Path(root), benchmark, arch))
+            # fitted states come from / go to the run's fitted/ folder (read only in a read-only deployment
+            # and in a shared bundle, whose float16 features must not overwrite the cache's states)
+            attach(data, C.arch_dir(Path(root), benchmark, arch), writable=store is C and not readonly())
             return data
 
         @st.cache_resource(max_entries=16, show_spinner=False)
         def thumbs(root: str, benchmark: str, arch: str, split: str, token: str):
-            return C.load_thumbnails(Path(root), benchmark, arch, split)
+            return store_of(root).load_thumbnails(Path(root), benchmark, arch, split)
 
         @st.cache_data(max_entries=512, show_spinner=False)
         def metrics(root: str, benchmark: str, arch: str, token: str, method: str, params: tuple) -> dict:
@@ -199,8 +207,8 @@ def cached_confidences(sel: Selection) -> dict:
 
 def cached_runs(root: Path) -> list[dict]:
     try:
-        return C.list_runs(root)
-    except OSError:
+        return store_of(root).list_runs(root)
+    except (OSError, ValueError):
         return []
 
 

@@ -26,6 +26,25 @@ def param_controls(method: M.Method, data: BenchmarkData, key_prefix: str, conta
     """One slider per parameter, built from the method's Param spec (new methods need no page edit)."""
     box = container if container is not None else st
     params: dict[str, float] = {}
+    missing = M.missing_needs(method, data) if method.params else set()
+    if missing and method.has_stored_defaults(data):
+        # a shared bundle stores this method's default-setting scores only: show its sliders, disabled, and why
+        why = (
+            f"{method.label} needs {', '.join(sorted(missing))} to score other settings, which this bundle "
+            "does not hold; it shows its default setting (share with `--with-features` to keep it live)."
+        )
+        for p in method.params:
+            box.slider(
+                p.label,
+                float(min(p.low, p.default)),
+                float(max(p.high, p.default)),
+                float(p.default),
+                key=f"{key_prefix}.{method.name}.{p.name}.fixed",
+                disabled=True,
+                help=why,
+            )
+        box.caption(why)
+        return method.defaults()
     for p in method.params:
         key = f"{key_prefix}.{method.name}.{p.name}"
         options = param_options(method, p, data)

@@ -23,10 +23,13 @@ class SplitArrays:
     # Per-row values computed by a pass over the images, not from logits/features: "odin" -> OdinRows,
     # "trained/<name>" -> (N,) scores of a trained detector. A new image has none of them.
     precomputed: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Predictions stored beside reduced-precision logits (a shared bundle's float16 logits can tie or
+    # round differently from the network's); None: the argmax of the logits.
+    predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def preds(self) -> np.ndarray:
-        return self.logits.argmax(axis=1)
+        return self.logits.argmax(axis=1) if self.predictions is None else self.predictions
 
     def __len__(self) -> int:
         return len(self.logits)
