@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(p)
     _add_cache(p)
+
+    from oodcore.cli import sharing
+
+    sharing.add_parsers(sub, _add_cache)
     return parser
 
 
@@ -347,3 +351,19 @@ def cmd_train(args) -> int:
 
 
 COMMANDS["train"] = cmd_train
+
+
+def cmd_share(args) -> int:
+    from oodcore.cli.sharing import cmd_share as share
+
+    return share(args, CliError)
+
+
+def cmd_report(args) -> int:
+    from oodcore.cli.sharing import cmd_report as report
+
+    return report(args, CliError)
+
+
+COMMANDS["share"] = cmd_share
+COMMANDS["report"] = cmd_report
