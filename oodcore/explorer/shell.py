@@ -204,6 +204,7 @@ PAGES = (
     ("misfires.py", "Misfires", ":material/image_search:", "Diagnose", False),
     ("score_image.py", "Score an image", ":material/upload:", "Try it", True),
     ("training.py", "Training", ":material/model_training:", "Try it", True),  # starts training processes
+    ("share.py", "Share", ":material/share:", "Share", True),  # writes the share folder / report (downloads)
 )
 
 
