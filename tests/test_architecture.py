@@ -15,7 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "oodcore"
 UI_PACKAGE = "oodcore.explorer"  # the only place Streamlit and Altair may be imported inside oodcore
-SUBPACKAGES = {"data", "models", "extraction", "store", "detectors", "evaluation", "training", "cli", "explorer", "share"}
+SUBPACKAGES = {
+    "data",
+    "models",
+    "extraction",
+    "store",
+    "detectors",
+    "evaluation",
+    "training",
+    "cli",
+    "explorer",
+    "share",
+}
 MAX_LINES = 500
 
 

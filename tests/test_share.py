@@ -108,6 +108,12 @@ def test_bundle_reproduces_the_cache_report(demo_cache, bundle_dir):
         M.get("odin").score(cached, cached.ood, T=1000.0, eps=0.0014),
         rtol=1e-6,
     )
+    # the leaderboard's report travels, computed from the full-precision cache
+    stored = shared.meta["bundle"]["report"]
+    assert stored["n_boot"] == 200 and stored["registry"] == M.registry.registry_key()
+    assert [(r["method"], r["auroc"]) for r in stored["report"]["results"]] == [
+        (r["method"], r["auroc"]) for r in a["results"]
+    ]
     # a fitted method at another setting needs the features this bundle lacks: a clear MethodUnavailable
     with pytest.raises(M.MethodUnavailable, match="only its default setting"):
         M.get("react").score_id_ood(shared, p=80.0)
@@ -262,3 +268,24 @@ def test_disabled_sliders_say_why(share_dir, monkeypatch):
     fixed = [s for s in at.slider if s.label == "clip percentile p"]
     assert fixed and fixed[0].disabled and fixed[0].value == 90.0
     assert any("--with-features" in c.value for c in at.caption)
+
+
+@pytest.mark.slow
+def test_the_leaderboard_serves_the_bundled_report(share_dir, tmp_path, monkeypatch):
+    """The report stored at share time (full-precision scores, 200 bootstrap replicates) is what the app shows."""
+    from streamlit.testing.v1 import AppTest
+
+    copy = tmp_path / "app"
+    shutil.copytree(share_dir, copy)
+    run_json = copy / "bundle" / "demo" / "digits_cnn" / "run.json"
+    run = json.loads(run_json.read_text())
+    stored = run["bundle"]["report"]
+    assert stored["n_boot"] == 200
+    for row in stored["report"]["results"]:
+        row["auroc"] = 0.987654 if row["method"] == "msp" else 0.5
+    run_json.write_text(json.dumps(run))
+    monkeypatch.setenv("OODCORE_CACHE", "unset")
+    monkeypatch.setenv("OODCORE_READONLY", "0")
+    at = AppTest.from_file(str(copy / ENTRY), default_timeout=120).run()
+    assert not at.exception
+    assert [m.value for m in at.metric if m.label.startswith("Best AUROC")] == ["98.77%"]

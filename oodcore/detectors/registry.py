@@ -166,6 +166,11 @@ def register(
     return wrap
 
 
+def registry_key() -> str:
+    """The registered methods and their parameter specs: a new or changed method invalidates stored reports."""
+    return repr([(m.name, m.params, m.needs, m.tune_grid) for m in REGISTRY.values()])
+
+
 def grid_values(param: Param, data: BenchmarkData | None) -> list[float] | None:
     """For a parameter read from the precomputed ODIN grid: the values this run offers (None otherwise).
 

@@ -18,9 +18,8 @@ import oodcore
 from oodcore import detectors as M
 from oodcore.evaluation.analysis import odin_auroc_grid, report_frame, softmax_confidence
 from oodcore.evaluation.metrics import METRIC_LABELS, METRIC_NAMES, roc_points
-from oodcore.evaluation.report import evaluate_run
 from oodcore.share import figures as F
-from oodcore.share.build import Progress
+from oodcore.share.scoring import Progress, run_report
 from oodcore.store import cache as C
 from oodcore.store.rundata import BenchmarkData
 from oodcore.store.thumbs import unpack_one
@@ -33,24 +32,6 @@ CONVENTIONS = (
     "(the study's convention); FPR@95 (ID+) is the OOD acceptance when 95% of ID images are kept. Brackets hold "
     "95% stratified-bootstrap confidence intervals."
 )
-
-
-def run_report(data: BenchmarkData, n_boot: int) -> dict:
-    """evaluate_run one method at a time, so a method the cache cannot serve is listed instead of failing the run."""
-    report, rows, unavailable = None, [], []
-    for method in M.available_methods(data):
-        try:
-            part = evaluate_run(data, [method.name], n_boot=n_boot)
-        except M.MethodUnavailable as exc:
-            unavailable.append({"method": method.name, "label": method.label, "why": str(exc)})
-            continue
-        for row in part["results"]:
-            row["label"], row["trained_on_ood"] = method.label, bool(method.trained_on_ood)
-        rows += part["results"]
-        report = report or part
-    report = report or evaluate_run(data, [], n_boot=n_boot)
-    report["results"], report["unavailable"] = rows, unavailable
-    return report
 
 
 def _roc_frame(data: BenchmarkData, report: dict) -> pd.DataFrame:

@@ -1,0 +1,190 @@
+"""End to end: the static report in headless Chromium with no network, and the shared app from a fresh
+virtualenv built from its own requirements.txt (no torch), rendered in headless Chromium.
+
+`measure_share_app` is also how the README's budgets were measured (first render time, server RSS after
+opening every page): `python -c "from tests.test_share_e2e import measure_cli; measure_cli()" FOLDER [PYTHON]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import record
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+PAGES = ("Leaderboard", "Curves", "ODIN tuner", "Misfires")
+NETWORK_ERRORS = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution", "timed out")
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(1200)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def measure_share_app(folder: Path, python: str, browser, shots: str | None = None) -> dict:
+    """`streamlit run streamlit_app.py` with `python` from the share folder; open every page in Chromium.
+
+    Returns first_render_seconds (process start to the leaderboard's first metric), rss_mb after each
+    page, and whether the ODIN slider moved the metric; screenshots go to artifacts/<shots>-*.png.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OODCORE_CACHE", "OODCORE_READONLY", "PYTHONPATH")}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "share-server.log", "w")
+    started = time.perf_counter()
+    cmd = [python, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
+    cmd += ["--server.address", "127.0.0.1", "--server.headless", "true"]
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url, out = f"http://127.0.0.1:{port}", {"rss_mb": {}}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not start; see {log.name}")
+            time.sleep(0.2)
+        page = browser.new_page(viewport={"width": 1440, "height": 1600})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.get_by_role("heading", name="Leaderboard").wait_for(timeout=600_000)
+        page.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=600_000)
+        out["first_render_seconds"] = round(time.perf_counter() - started, 1)
+        for name in PAGES:
+            if name != "Leaderboard":
+                page.locator('[data-testid="stSidebarNav"] a', has_text=name).click()
+                page.get_by_role("heading", name=name).wait_for(timeout=300_000)
+            page.locator('[data-testid="stMetricValue"], .vega-embed').first.wait_for(timeout=300_000)
+            time.sleep(2.0)  # let the page's charts and images finish
+            out["rss_mb"][name] = round(rss_mb(proc.pid), 1)
+            if shots:
+                page.screenshot(path=str(ARTIFACTS / f"{shots}-{name.replace(' ', '_').lower()}.png"), full_page=True)
+            if name == "ODIN tuner":
+                values = "() => [...document.querySelectorAll('[data-testid=\"stMetricValue\"]')].map(m => m.innerText).join('|')"
+                before = page.evaluate(values)
+                page.get_by_role("slider").first.focus()
+                page.keyboard.press("ArrowLeft")  # T one step down (neighbouring T can round AUROC alike, not all five)
+                page.wait_for_function(f"(before) => ({values})() !== before", arg=before, timeout=60_000)
+                out["odin_slider_moved"] = True
+        out["exceptions"] = page.locator('[data-testid="stException"]').count()
+        out["page_errors"] = errors
+        out["max_rss_mb"] = max(out["rss_mb"].values())
+        page.close()
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def measure_cli() -> None:
+    """Measure a share folder from the command line (argv: FOLDER [PYTHON]); prints JSON."""
+    from playwright.sync_api import sync_playwright
+
+    folder = Path(sys.argv[1])
+    python = sys.argv[2] if len(sys.argv) > 2 else sys.executable
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            print(json.dumps(measure_share_app(folder, python, b, shots=folder.name)))
+        finally:
+            b.close()
+
+
+def test_report_renders_offline_in_chromium(demo_cache, tmp_path, browser):
+    from oodcore.share.report import make_report
+
+    make_report(demo_cache, "demo", None, tmp_path / "report", n_boot=50)
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    outside = []
+
+    def only_files(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_files)
+    page.goto((tmp_path / "report" / "index.html").as_uri())
+    page.wait_for_load_state("load")
+    sizes = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])")
+    assert outside == []
+    assert len(sizes) >= 6 + 8 and all(w > 0 for _, w in sizes), sizes
+    assert page.get_by_role("heading", name="Leaderboard").count() == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report-demo.png"), full_page=True)
+    page.close()
+
+
+def test_shared_app_from_a_fresh_virtualenv(demo_cache, tmp_path, browser):
+    """The dependency file alone (no torch, no system site packages) runs the shared app with working sliders."""
+    from oodcore.share.folder import make_share
+
+    folder = tmp_path / "app"
+    make_share(demo_cache, "demo", None, folder)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    started = time.perf_counter()
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(folder / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if pip.returncode != 0 and any(e in pip.stderr for e in NETWORK_ERRORS):
+        pytest.skip(f"no package index reachable: {pip.stderr.strip().splitlines()[-1]}")
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    record("share_venv_install_seconds", round(time.perf_counter() - started, 1))
+    for banned in ("torch", "torchvision", "timm", "sklearn"):
+        probe = subprocess.run([python, "-c", f"import {banned}"], capture_output=True, timeout=60)
+        assert probe.returncode != 0, f"{banned} is importable in the shared app's environment"
+    result = measure_share_app(folder, python, browser, shots="share-demo")
+    record("share_demo_app", result)
+    assert result["exceptions"] == 0 and not result["page_errors"], result
+    assert result["odin_slider_moved"] and set(result["rss_mb"]) == set(PAGES)
+    assert result["max_rss_mb"] < 1024, result
