@@ -127,6 +127,7 @@ def test_bundle_has_no_server_paths_or_pickles(demo_cache, bundle_dir):
     assert {p.suffix for p in bundle_dir.rglob("*") if p.is_file()} == {".json", ".npy"}
 
 
+@pytest.mark.slow
 def test_with_features_keeps_fitted_sliders_live_and_trained_detectors_travel(demo_cache, tmp_path):
     root = tmp_path / "cache"
     shutil.copytree(demo_cache, root)
@@ -256,6 +257,7 @@ def test_share_page_is_hidden_in_readonly_mode(demo_cache, monkeypatch):
         at.switch_page("pages/share.py")
 
 
+@pytest.mark.slow
 def test_disabled_sliders_say_why(share_dir, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
@@ -289,3 +291,17 @@ def test_the_leaderboard_serves_the_bundled_report(share_dir, tmp_path, monkeypa
     at = AppTest.from_file(str(copy / ENTRY), default_timeout=120).run()
     assert not at.exception
     assert [m.value for m in at.metric if m.label.startswith("Best AUROC")] == ["98.77%"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_the_registry_key_is_the_same_in_every_process():
+    """A bundle's stored report is matched by this key in another process (string hashing differs per process)."""
+    code = "from oodcore.detectors.registry import registry_key; print(registry_key())"
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(keys) == 1 and next(iter(keys)).startswith("[('msp'")

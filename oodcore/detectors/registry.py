@@ -167,8 +167,11 @@ def register(
 
 
 def registry_key() -> str:
-    """The registered methods and their parameter specs: a new or changed method invalidates stored reports."""
-    return repr([(m.name, m.params, m.needs, m.tune_grid) for m in REGISTRY.values()])
+    """The registered methods and their parameter specs: a new or changed method invalidates stored reports.
+
+    Stable across processes (needs sorted: a frozenset's order follows the per-process string hash).
+    """
+    return repr([(m.name, m.params, sorted(m.needs), m.tune_grid) for m in REGISTRY.values()])
 
 
 def grid_values(param: Param, data: BenchmarkData | None) -> list[float] | None:
