@@ -23,6 +23,7 @@ from oodcore.share.build import build_bundle
 from oodcore.share.folder import ENTRY, READONLY_PAGES, make_share
 from oodcore.store import cache as C
 
+REPO = Path(__file__).resolve().parents[1]
 ENGINE_IMPORTS = ("torch", "torchvision", "timm", "sklearn")
 # Installs an import blocker, then runs the shared app's pages with AppTest from the current folder (the share folder).
 BLOCKED_RUN = """
@@ -232,8 +233,7 @@ def test_report_writes_every_figure_offline(demo_cache, tmp_path):
 def test_share_page_offers_both_downloads(demo_cache):
     from streamlit.testing.v1 import AppTest
 
-    root = Path(__file__).resolve().parents[1]
-    at = AppTest.from_file(str(root / "app.py"), default_timeout=180).run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     at.switch_page("pages/share.py").run()
     assert not at.exception and [t.value for t in at.title] == ["Share"]
     at.button(key="share.build_app").click().run()
@@ -252,7 +252,7 @@ def test_share_page_is_hidden_in_readonly_mode(demo_cache, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("OODCORE_READONLY", "1")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     with pytest.raises(ValueError):
         at.switch_page("pages/share.py")
 

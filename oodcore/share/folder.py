@@ -28,7 +28,7 @@ from oodcore.share import build
 from oodcore.share.bundle import PART_BYTES
 
 PACKAGE = Path(oodcore.__file__).resolve().parent
-READONLY_PAGES = ("leaderboard.py", "curves.py", "odin_tuner.py", "misfires.py")
+READONLY_PAGES = ("leaderboard.py", "study.py", "curves.py", "odin_tuner.py", "misfires.py")
 ENGINE = ("oodcore.extraction", "oodcore.models", "oodcore.training", "oodcore.cli")
 ENTRY = "streamlit_app.py"
 LIGHT_REQUIREMENTS = ("numpy", "pandas", "pyarrow", "pillow", "altair", "streamlit")
