@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from oodcore import detectors as M
 from oodcore.cli.bench import synthetic_benchmark
 from oodcore.cli.bench_detectors import bench_detectors, describe, slider_target
@@ -31,3 +33,13 @@ def test_slider_target_moves_off_the_default():
     assert slider_target(M.get("ash_s"), p, data) == 99.0  # 90 + 10 steps of 1, clipped to the high end
     eps = [p for p in M.get("odin").params if p.name == "eps"][0]
     assert slider_target(M.get("odin"), eps, data) is None  # no ODIN grid: ε = 0 only
+
+
+@pytest.mark.subprocess
+def test_fit_peak_rss_measures_in_fresh_processes():
+    from oodcore.cli.bench_detectors import fit_peak_rss
+
+    out = fit_peak_rss(sizes=(200, 400), d=8, k=3, methods=("mahalanobis",))
+    assert set(out["mahalanobis"]) == {200, 400}
+    for rec in out["mahalanobis"].values():
+        assert rec["peak_mb"] >= rec["inputs_mb"] > 0 and rec["fit_mb"] >= 0

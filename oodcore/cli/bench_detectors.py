@@ -105,3 +105,52 @@ def describe(result: dict) -> list[str]:
         f"    slider move per detector (scores at the new setting + 5 metrics + threshold): {sl}"
         + (f"; over 1 s: {', '.join(slow)}" if slow else "; every one under 1 s"),
     ]
+
+
+_FIT_RSS_SCRIPT = """
+import json, resource, sys
+import numpy as np
+from oodcore import detectors as M
+from oodcore.store.rundata import BenchmarkData, SplitArrays
+n_fit, d, k, method = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = np.random.default_rng(0)
+feats = np.abs(rng.standard_normal((n_fit, d), dtype=np.float32))
+labels = rng.integers(0, k, n_fit)
+w = rng.standard_normal((k, d), dtype=np.float32) / np.sqrt(d)
+logits = feats @ w.T
+q = SplitArrays(logits[:8].copy(), feats[:8].copy(), labels[:8].copy(), np.array(["q"] * 8))
+data = BenchmarkData("s", "s", "full", [str(i) for i in range(k)], [str(i) for i in range(k)], q, q,
+                     head_weight=w, head_bias=np.zeros(k, np.float32),
+                     fit=SplitArrays(logits, feats, labels, np.array(["f"] * n_fit)))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+M.get(method).score(data, data.id)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"inputs_mb": before, "peak_mb": after}))
+"""
+
+
+def fit_peak_rss(
+    sizes=(10_000, 20_000, 40_000), d: int = 1280, k: int = 1000, methods=("mahalanobis", "vim", "knn")
+) -> dict:
+    """Peak RSS of fitting each method, in a fresh process per (method, fit size): {method: {n_fit: {...}}}.
+
+    `inputs_mb` is the process's peak before fitting (the synthetic fit features, logits and head
+    in RAM); `peak_mb` after; `fit_mb` the difference, what fitting itself added at its peak.
+    """
+    import json
+    import subprocess
+    import sys
+
+    out: dict = {}
+    for method in methods:
+        for n in sizes:
+            res = subprocess.run(
+                [sys.executable, "-c", _FIT_RSS_SCRIPT, str(n), str(d), str(k), method],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rec = json.loads(res.stdout.strip().splitlines()[-1])
+            rec["fit_mb"] = rec["peak_mb"] - rec["inputs_mb"]
+            out.setdefault(method, {})[n] = rec
+    return out
