@@ -262,3 +262,26 @@ def test_knn_equals_the_previous_exact_numpy_code(demo, monkeypatch, use_faiss):
     state = M.get("knn").state(data)
     assert ("faiss" in state["index"]) == use_faiss
     assert len(state["memo"]._store) == 2  # one neighbour table per split, every ladder k a column
+
+
+def test_chunked_percentile_is_numpys_percentile(monkeypatch):
+    from oodcore.detectors import numerics
+
+    monkeypatch.setattr(numerics, "CHUNK_BYTES", 256)  # many chunks
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        n, d = int(rng.integers(1, 300)), int(rng.integers(1, 9))
+        x = (rng.standard_normal((n, d)) * rng.choice([1e-3, 1.0, 100.0])).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.abs(x)
+        if trial % 5 == 0:
+            x = np.round(x, 1)
+        for q in (0.0, 0.1, 50.0, 90.0, 99.9, 100.0, float(rng.uniform(0, 100))):
+            ours, ref = numerics.chunked_percentile(x, q), np.percentile(x, q)
+            assert ours == ref and ours.dtype == ref.dtype, (n, d, q)
+
+
+def test_react_threshold_unchanged(demo):
+    data = dataclasses.replace(demo, states={})
+    for p in (50.0, 90.0, 99.0):
+        assert M.get("react").state(data, p=p)["clip"] == float(np.percentile(demo.fit.features, p))

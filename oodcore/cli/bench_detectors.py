@@ -108,7 +108,7 @@ def describe(result: dict) -> list[str]:
 
 
 _FIT_RSS_SCRIPT = """
-import json, resource, sys
+import json, resource, sys  # noqa: E401
 import numpy as np
 from oodcore import detectors as M
 from oodcore.store.rundata import BenchmarkData, SplitArrays
@@ -122,10 +122,19 @@ q = SplitArrays(logits[:8].copy(), feats[:8].copy(), labels[:8].copy(), np.array
 data = BenchmarkData("s", "s", "full", [str(i) for i in range(k)], [str(i) for i in range(k)], q, q,
                      head_weight=w, head_bias=np.zeros(k, np.float32),
                      fit=SplitArrays(logits, feats, labels, np.array(["f"] * n_fit)))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = status_mb("VmRSS")  # the inputs in RAM
+try:  # reset the peak (VmHWM) so it measures fitting, not the construction of the inputs
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+except OSError:
+    pass
 M.get(method).score(data, data.id)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"inputs_mb": before, "peak_mb": after}))
+print(json.dumps({"inputs_mb": before, "peak_mb": status_mb("VmHWM")}))
 """
 
 
@@ -134,8 +143,9 @@ def fit_peak_rss(
 ) -> dict:
     """Peak RSS of fitting each method, in a fresh process per (method, fit size): {method: {n_fit: {...}}}.
 
-    `inputs_mb` is the process's peak before fitting (the synthetic fit features, logits and head
-    in RAM); `peak_mb` after; `fit_mb` the difference, what fitting itself added at its peak.
+    `inputs_mb` is the process's RSS before fitting (the synthetic fit features, logits and head in
+    RAM); `peak_mb` its peak RSS while fitting (the peak counter reset first, Linux); `fit_mb` the
+    difference, what fitting itself added at its peak.
     """
     import json
     import subprocess

@@ -89,3 +89,59 @@ def slider_values(param) -> list[float]:
     """The values the app's slider offers for a log-scale parameter (a 1-2-5 ladder plus the default): what a
     detector precomputes per split so that a slider move is a column read."""
     return ladder(param.low, param.high, [param.default])
+
+
+def _sortable(x32: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 keys in the same order (negative floats: all bits flipped; others: the sign bit)."""
+    u = np.ascontiguousarray(x32, dtype=np.float32).view(np.uint32)
+    return np.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000))
+
+
+def _from_sortable(key: int) -> np.float32:
+    key = np.uint32(key)
+    u = key & np.uint32(0x7FFFFFFF) if key >> np.uint32(31) == 1 else ~key
+    return np.array([u], dtype=np.uint32).view(np.float32)[0]
+
+
+def _order_statistics(x: np.ndarray, ranks: list[int]) -> list[np.float32]:
+    """The values at 0-based `ranks` of the sorted float32 elements of `x`, by a two-pass radix select over row
+    chunks (16-bit histograms of order-preserving keys): exact, and memory bounded by the chunk size."""
+    rows = x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
+    hi = np.zeros(1 << 16, dtype=np.int64)
+    for sl in row_chunks(len(rows), rows.shape[1], 4):
+        hi += np.bincount((_sortable(np.asarray(rows[sl], dtype=np.float32)) >> 16).ravel(), minlength=1 << 16)
+    cum = np.cumsum(hi)
+    out = []
+    for r in ranks:
+        b = int(np.searchsorted(cum, r, side="right"))
+        before = int(cum[b - 1]) if b else 0
+        lo = np.zeros(1 << 16, dtype=np.int64)
+        for sl in row_chunks(len(rows), rows.shape[1], 4):
+            keys = _sortable(np.asarray(rows[sl], dtype=np.float32)).ravel()
+            lo += np.bincount(keys[(keys >> 16) == b] & 0xFFFF, minlength=1 << 16)
+        low = int(np.searchsorted(np.cumsum(lo), r - before, side="right"))
+        out.append(_from_sortable((b << 16) | low))
+    return out
+
+
+def chunked_percentile(x: np.ndarray, q: float) -> np.float32:
+    """np.percentile(x, q) ('linear') of a float32 array (other dtypes: np.percentile itself), without a copy of it: the two order statistics come
+    from `_order_statistics` (chunked) and are interpolated as numpy's `_lerp` does, cast back to float32.
+    (A fit split of ImageNet-train size has billions of activations; np.percentile would copy them all.)"""
+    if np.asarray(x[:0]).dtype != np.float32:  # the radix select is for float32 (the cache's dtype)
+        return np.percentile(x, q)
+    n = int(np.prod(x.shape))
+    if n == 0:
+        raise ValueError("percentile of an empty array")
+    virtual = (n - 1) * (float(q) / 100.0)
+    below = int(np.floor(virtual))
+    above = min(below + 1, n - 1)
+    if above == below:
+        return np.float32(_order_statistics(x, [below])[0])
+    a, b = _order_statistics(x, [below, above])
+    gamma = virtual - below  # numpy's _lerp with a Python-float weight: float32 arithmetic throughout
+    a32, b32 = np.float32(a), np.float32(b)
+    diff = b32 - a32
+    if gamma >= 0.5:
+        return np.float32(b32 - diff * np.float32(1 - gamma))
+    return np.float32(a32 + diff * np.float32(gamma))
