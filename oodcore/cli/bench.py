@@ -1,14 +1,13 @@
 """`python -m oodcore bench`: the engine against the plain way of doing the same work, in one run.
 
-(a) extraction: our pass (parallel decoding, inference mode, chunked cache with
-    thumbnails) vs a plain torchvision ImageFolder + DataLoader + forward loop;
-(b) the ODIN grid: one forward+backward per T and one forward per eps, vs the
-    textbook loop (decode, forward, backward, forward) per grid point;
+(a), (b), (e): extraction, the ODIN grid and the CUDA figures, in oodcore.cli.bench_engine;
 (c) every registered method + all metrics with bootstrap CIs from the cache at
     ImageNet scale (synthetic 52k x 1000 logits, 52k x 1280 features), vs what
     re-running the network per method would cost at the throughput measured in (a);
 (d) a slider move: one method's metrics on 12k samples (the app's live path);
-(e) on CUDA: resnet50 extraction img/s in float32 vs mixed precision + channels-last.
+(f) extraction's peak RSS at growing image counts (oodcore.cli.bench_rss, `--rss`);
+(g) the app's cold start to the first rendered page (oodcore.cli.bench_app, `--cold-start`).
+`--json FILE` writes the figures with stable top-level keys (see `stable_keys`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodcore.extraction.odin import odin_grid_batch, odin_naive_point
+from oodcore.cli.bench_engine import bench_cuda, bench_extraction, bench_odin, make_jpegs
 
 
 def machine() -> dict:
@@ -46,113 +45,10 @@ def machine() -> dict:
     return info
 
 
-def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
-    """`n` photo-sized JPEGs in ImageNet wnid folders (smooth noise, so JPEG decoding costs what photos cost)."""
-    from PIL import Image
-
-    from oodcore.data.imagenet import imagenet_wnids
-
-    rng = np.random.default_rng(seed)
-    wnids = imagenet_wnids()
-    for i in range(n):
-        folder = root / wnids[i % 10]
-        folder.mkdir(parents=True, exist_ok=True)
-        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(folder / f"img{i:05d}.JPEG", quality=90)
-    return root
-
-
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
-
-
-def bench_extraction(bundle, image_root: Path, workers: int, batch_size: int, device: str) -> dict:
-    """Our extraction pass vs ImageFolder + DataLoader + forward loop over the same images."""
-    from torchvision.datasets import ImageFolder
-
-    from oodcore.data.dataset import ImageFileDataset
-    from oodcore.data.folders import scan_image_folder
-    from oodcore.extraction.pipeline import extract_split
-
-    entries = scan_image_folder(image_root).entries
-    n = len(entries)
-    c, h, w = bundle.input_size
-
-    def plain():
-        loader = torch.utils.data.DataLoader(
-            ImageFolder(str(image_root), transform=bundle.transform), batch_size=batch_size, num_workers=workers
-        )
-        outs = []
-        with torch.no_grad():
-            for x, _ in loader:
-                outs.append(bundle.network(x.to(device)).cpu())
-        return torch.cat(outs)
-
-    def ours():
-        ds = ImageFileDataset(image_root, entries, bundle.transform, image_shape=(c, h, w))
-        with tempfile.TemporaryDirectory() as tmp:
-            out, _ = extract_split(
-                bundle,
-                ds,
-                [e.relpath for e in entries],
-                None,
-                Path(tmp) / "parts",
-                device=device,
-                batch_size=batch_size,
-                workers=workers,
-                progress=lambda d, n: None,
-            )
-        return out
-
-    plain()  # warm-up (page cache, allocator, lazy init) so neither side pays it
-    t_plain, ref = _timed(plain)
-    t_ours, out = _timed(ours)
-    agree = float(np.abs(out["logits"] - ref.numpy()).max())
-    return {
-        "images": n,
-        "plain_img_s": n / t_plain,
-        "ours_img_s": n / t_ours,
-        "ratio": t_plain / t_ours,
-        "max_abs_logit_diff": agree,
-        "note": "ours also stores penultimate features and JPEG thumbnails, and writes resumable chunks",
-    }
-
-
-def bench_odin(bundle, image_root: Path, n_images: int, temps, eps, device: str) -> dict:
-    """Fast grid vs the per-grid-point loop (each point decodes, forwards, backwards, forwards)."""
-    from oodcore.data.dataset import ImageFileDataset
-    from oodcore.data.folders import scan_image_folder
-
-    entries = scan_image_folder(image_root).entries[:n_images]
-    c, h, w = bundle.input_size
-    ds = ImageFileDataset(image_root, entries, bundle.transform, image_shape=(c, h, w))
-    std = bundle.std
-
-    def load():
-        return torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
-
-    def ours():
-        return odin_grid_batch(bundle.network, load(), temps, eps, std)
-
-    def naive():
-        out = np.empty((len(ds), len(temps), len(eps)))
-        for i, t in enumerate(temps):
-            for j, e in enumerate(eps):
-                out[:, i, j] = odin_naive_point(bundle.network, load(), t, e, std)
-        return out
-
-    t_ours, fast = _timed(ours)
-    t_naive, slow = _timed(naive)
-    return {
-        "images": len(ds),
-        "grid": f"{len(temps)} T x {len(eps)} eps",
-        "ours_s": t_ours,
-        "naive_s": t_naive,
-        "ratio": t_naive / t_ours,
-        "max_abs_score_diff": float(np.abs(fast - slow).max()),
-    }
 
 
 def synthetic_benchmark(n_id: int = 50_000, n_ood: int = 2_000, k: int = 1000, d: int = 1280, seed: int = 0):
@@ -233,28 +129,38 @@ def bench_slider(n: int = 12_000, repeats: int = 20) -> dict:
     return out
 
 
-def bench_cuda_resnet50(batch_size: int = 256, steps: int = 20) -> dict:
-    """resnet50 forward img/s on CUDA: float32 vs bf16/fp16 autocast + channels-last (random weights: speed only)."""
-    import timm
+def detector_figures(quick: bool) -> dict:
+    """Every detector + metrics + CIs on 52k synthetic rows and a slider move each (oodcore.cli.bench_detectors),
+    plus the app's 12k-sample slider path; returns the raw sections and the stable keys."""
+    from oodcore.cli.bench_detectors import bench_detectors
 
-    model = timm.create_model("resnet50", pretrained=False).cuda().eval()
-    x = torch.randn(batch_size, 3, 224, 224, device="cuda")
-    out = {}
-    for label, amp, cl in (("fp32", False, False), ("amp_channels_last", True, True)):
-        m = model.to(memory_format=torch.channels_last) if cl else model
-        xx = x.contiguous(memory_format=torch.channels_last) if cl else x
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=amp):
-            for _ in range(3):
-                m(xx)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                m(xx)
-            torch.cuda.synchronize()
-        out[label + "_img_s"] = batch_size * steps / (time.perf_counter() - start)
-    out["ratio"] = out["amp_channels_last_img_s"] / out["fp32_img_s"]
-    return out
+    det = bench_detectors(
+        synthetic_benchmark(n_id=5_000 if quick else 50_000, n_ood=2_000), n_boot=50 if quick else 200
+    )
+    return {
+        "methods": det,
+        "slider": bench_slider(),
+        "methods_seconds_52k": det["methods_seconds_52k"],
+        "per_method_seconds": det["per_method_seconds"],
+        "slider_seconds_52k": det["slider_seconds_52k"],
+    }
+
+
+STUDY_GRID = ((1.0, 10.0, 100.0, 1000.0), (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005))
+
+
+def stable_keys(report: dict) -> dict:
+    """The figures a script tracks from run to run, under names that do not change."""
+    return {
+        "machine": report["machine"],
+        "extraction_ratio": report.get("extraction", {}).get("ratio"),
+        "odin_ratio": report.get("odin", {}).get("ratio"),
+        "methods_seconds_52k": report.get("methods_seconds_52k"),
+        "per_method_seconds": report.get("per_method_seconds"),
+        "slider_seconds_52k": report.get("slider_seconds_52k"),
+        "cold_start_seconds": report.get("cold_start", {}).get("seconds"),
+        "extract_peak_rss_mb": report.get("rss", {}).get("extract_peak_rss_mb"),
+    }
 
 
 def run_bench(args) -> int:
@@ -262,49 +168,80 @@ def run_bench(args) -> int:
 
     quick = args.quick
     device = args.device
-    report = {"machine": machine(), "quick": quick}
+    report: dict = {"machine": machine(), "quick": quick}
     print(f"machine: {report['machine']}")
     bundle = load_model("efficientnet_lite0", device=device)
+    temps, eps = STUDY_GRID
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.images) if args.images else make_jpegs(Path(tmp) / "imgs", 48 if quick else 256)
-        workers = min(4, os.cpu_count() or 1)
-        ex = bench_extraction(bundle, root, workers=workers, batch_size=32, device=device)
+        workers = min(2, os.cpu_count() or 1)
+        ex = bench_extraction(bundle, root, workers=workers, batch_size=32, device=device, repeats=1 if quick else 2)
         report["extraction"] = ex
         print(
-            f"(a) extraction, efficientnet_lite0, {ex['images']} images, {workers} workers: plain {ex['plain_img_s']:.1f} img/s, "
-            f"ours {ex['ours_img_s']:.1f} img/s, ratio {ex['ratio']:.2f}x (logits agree to {ex['max_abs_logit_diff']:.1e})"
+            f"(a) extraction, efficientnet_lite0, {ex['images']} images, {workers} workers, {ex['threads']} network "
+            f"thread(s): plain {ex['plain_img_s']:.1f} img/s, ours {ex['ours_img_s']:.1f} img/s, ratio "
+            f"{ex['ratio']:.2f}x (logits agree to {ex['max_abs_logit_diff']:.1e})"
         )
-        temps, eps = (1.0, 10.0, 100.0, 1000.0), (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005)
+        st, wall = ex["stages_ms_per_image"], ex["ours_wall_split_s"]
+        print(
+            "    per image, one core: decode {decode_ms:.1f} ms, resize+crop {resize_crop_ms:.1f} ms, thumbnail "
+            "{thumbnail_ms:.1f} ms, ToTensor+Normalize {plain_to_tensor_normalize_ms:.1f} ms (ours: uint8 + one "
+            "normalisation per batch {ours_uint8_plus_batch_normalise_ms:.1f} ms), eager network "
+            "{network_eager_ms:.1f} ms".format(**st)
+        )
+        print(
+            f"    ours, wall: network {wall['network_s']:.1f} s, waiting for batches {wall['waiting_for_batches_s']:.1f}"
+            f" s, assembling the artifact {wall['write_s']:.2f} s of {wall['total_s']:.1f} s"
+        )
         od = bench_odin(bundle, root, 4 if quick else 16, temps, eps, device)
         report["odin"] = od
         print(
             f"(b) ODIN grid {od['grid']} on {od['images']} images: naive {od['naive_s']:.1f} s, ours {od['ours_s']:.1f} s, "
             f"ratio {od['ratio']:.2f}x (scores agree to {od['max_abs_score_diff']:.1e})"
         )
-    from oodcore.cli.bench_detectors import bench_detectors, describe
+        if args.cuda:
+            if torch.cuda.is_available():
+                cu = bench_cuda(root, temps, eps)
+                report["cuda"] = cu
+                print(
+                    f"(e) CUDA ({cu['gpu']}) resnet50: fp32 {cu['fp32_img_s']:.0f} img/s, AMP+channels-last "
+                    f"{cu['amp_channels_last_img_s']:.0f} img/s; whole pass with CPU decoding "
+                    f"{cu['pipeline_cpu_decode_img_s']:.0f} img/s, GPU decoding {cu['pipeline_gpu_decode_img_s']:.0f}"
+                    f" img/s; ODIN grid {cu['odin_grid_img_s']:.1f} img/s"
+                )
+            else:
+                report["cuda"] = {"skipped": "no CUDA device"}
+                print("(e) --cuda: no CUDA device here, nothing measured")
+    figures = detector_figures(quick)
+    report.update(figures)
+    det, sl = figures["methods"], figures["slider"]
+    from oodcore.cli.bench_detectors import describe
 
-    det = bench_detectors(
-        synthetic_benchmark(n_id=5_000 if quick else 50_000, n_ood=2_000), n_boot=50 if quick else 200
-    )
-    report["methods"] = det  # its stable keys: methods_seconds_52k, per_method_seconds, slider_seconds_52k
-    rerun = len(det["per_method_seconds"]) * det["samples"] / ex["plain_img_s"]
     for line in describe(det):
         print(line)
+    rerun = len(det["per_method_seconds"]) * det["samples"] / ex["plain_img_s"]
     print(
         f"    re-running the network per method would take ~{rerun:.0f} s at the plain rate: "
         f"{rerun / det['methods_seconds_52k']:.0f}x"
     )
-    sl = bench_slider()
-    report["slider"] = sl
     per = ", ".join(f"{m} {sl[m]['median_ms']:.0f} ms (max {sl[m]['max_ms']:.0f})" for m in ("msp", "energy", "odin"))
     print(f"(d) slider move (the app's metrics_for + histogram, {sl['samples']} samples, median): {per}")
-    if device == "cuda" or torch.cuda.is_available():
-        cu = bench_cuda_resnet50()
-        report["cuda_resnet50"] = cu
+    if args.rss:
+        from oodcore.cli.bench_rss import bench_rss
+
+        rss = bench_rss(tuple(int(n) for n in args.rss.split(",")))
+        report["rss"] = rss
         print(
-            f"(e) CUDA resnet50: fp32 {cu['fp32_img_s']:.0f} img/s, AMP+channels-last {cu['amp_channels_last_img_s']:.0f} img/s ({cu['ratio']:.2f}x)"
+            "(f) extraction peak RSS: "
+            + ", ".join(f"{n} images {mb:.0f} MB" for n, mb in rss["extract_peak_rss_mb"].items())
         )
+    if args.cold_start:
+        from oodcore.cli.bench_app import bench_cold_start
+
+        cs = bench_cold_start()
+        report["cold_start"] = cs
+        print(f"(g) app cold start to the first rendered page: {cs.get('seconds')} s {cs.get('note', '')}".rstrip())
     if args.json_file:
-        Path(args.json_file).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.json_file).write_text(json.dumps({**stable_keys(report), "details": report}, indent=2) + "\n")
         print(f"wrote {args.json_file}")
     return 0

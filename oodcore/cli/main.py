@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of ID images per class held out for fitting when no --fit-dir is given (never evaluated)",
     )
     p.add_argument("--no-amp", action="store_true", help="on CUDA, run in float32 instead of mixed precision")
+    p.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="on CUDA, decode JPEGs on the GPU (nvJPEG; pixels differ slightly from PIL's, so cached apart; "
+        "files it cannot decode fall back to the CPU)",
+    )
+    p.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="decode JPEGs at least twice the model's resize target at reduced DCT scale (faster; their "
+        "logits change slightly, so cached apart)",
+    )
     _add_cache(p)
     _add_report(p)
 
@@ -92,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--images", default=None, help="image folder for the extraction benchmark (default: generated JPEGs)"
+    )
+    p.add_argument("--cuda", action="store_true", help="also measure resnet50 and the ODIN grid on CUDA (GPU only)")
+    p.add_argument(
+        "--rss",
+        default=None,
+        metavar="N,N,...",
+        help="also measure extraction's peak RSS at these synthetic image counts (e.g. 2000,8000,32000)",
+    )
+    p.add_argument(
+        "--cold-start", action="store_true", help="also time `streamlit run app.py` to the first rendered page"
     )
 
     p = sub.add_parser(
@@ -241,6 +263,8 @@ def cmd_run(args) -> int:
         amp=not args.no_amp,
         fit_dir=args.fit_dir,
         fit_fraction=args.fit_fraction,
+        gpu_decode=args.gpu_decode,
+        draft=args.jpeg_draft,
     )
     root = cache_root(args.cache_dir)
     from oodcore.models.registry import WeightsUnavailableError

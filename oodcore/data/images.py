@@ -30,6 +30,9 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 DEFAULT_DRAFT_ABOVE_PIXELS = 50_000_000
 # ...keeping the shorter side at least this long, ample for 224-px models and thumbnails.
 DEFAULT_DRAFT_MIN_SIDE = 1024
+# An image whose decoded pixels would take more than this is decoded at a reduced DCT scale
+# (JPEG) until it fits, or skipped with the reason (other formats cannot shrink while decoding).
+DEFAULT_MAX_DECODED_BYTES = 256 * 2**20
 
 _GLOBAL_LIMIT_LOCK = threading.Lock()
 
@@ -40,7 +43,7 @@ class BadImageError(Exception):
     """A file that cannot be used as an image; ``reason`` is a short stable label.
 
     Reasons: "zero-byte file", "missing file", "not an image", "truncated",
-    "corrupt", "decompression bomb", "unsupported mode", "unreadable".
+    "corrupt", "decompression bomb", "over memory budget", "unsupported mode", "unreadable".
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -184,17 +187,40 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding `img` (at its current, possibly drafted, size) and converting it to RGB allocates."""
+    w, h = img.size
+    try:
+        bands = Image.getmodebands(img.mode)
+    except (KeyError, ValueError):
+        bands = 4
+    per_band = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
+    return w * h * max(3, bands * per_band)
+
+
+def _draft(img: Image.Image, min_side: int) -> None:
+    """Decode a JPEG at the coarsest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= `min_side`."""
+    img.draft("RGB", (min_side, min_side))
+
+
 def load_rgb(
     src: Source,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_above_pixels: int = DEFAULT_DRAFT_ABOVE_PIXELS,
     draft_min_side: int = DEFAULT_DRAFT_MIN_SIDE,
+    target_side: int | None = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> Image.Image:
     """Open, fully decode and convert an image to RGB, or raise BadImageError.
 
     ``max_pixels``: images with more pixels (judged from the header, before decoding) are
     rejected as decompression bombs. JPEGs above ``draft_above_pixels`` are decoded at a
-    reduced DCT scale (shorter side >= ``draft_min_side``) to bound memory. The full decode
+    reduced DCT scale (shorter side >= ``draft_min_side``) to bound memory. ``target_side``: the
+    shorter side the caller will resize to; a JPEG at least twice that is decoded at the coarsest
+    DCT scale that keeps its shorter side >= ``target_side`` (libjpeg's draft mode: far less decoding
+    work and memory; the pixels then differ slightly from a full decode followed by the same resize).
+    An image whose decoded pixels would exceed ``max_decoded_bytes`` is drafted down until it fits
+    (JPEG) or rejected with reason "over memory budget". The full decode
     happens here (``img.load()``) so truncated files fail here and not inside a transform.
     Relies on PIL's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.
     """
@@ -206,8 +232,19 @@ def load_rgb(
         img = _pil_open(f, max_pixels)
         try:
             w, h = img.size
-            if img.format in ("JPEG", "MPO") and w * h > draft_above_pixels:
-                img.draft("RGB", (draft_min_side, draft_min_side))
+            jpeg = img.format in ("JPEG", "MPO")
+            if jpeg and target_side and min(w, h) >= 2 * target_side:
+                _draft(img, target_side)
+            elif jpeg and w * h > draft_above_pixels:
+                _draft(img, draft_min_side)
+            if jpeg and decoded_bytes(img) > max_decoded_bytes:
+                img.draft("RGB", (1, 1))  # the coarsest scale libjpeg offers (1/8)
+            if decoded_bytes(img) > max_decoded_bytes:
+                mb = decoded_bytes(img) / 2**20
+                raise BadImageError(
+                    "over memory budget",
+                    f"{w}x{h} {img.mode} needs ~{mb:.0f} MB decoded, over the {max_decoded_bytes / 2**20:.0f} MB budget",
+                )
             img.load()
         except BadImageError:
             raise

@@ -2,8 +2,11 @@
 
 x~ = x - ε · sign(-∇x log S_ŷ(x; T)), ŷ the predicted class, ε in [0,1] pixel
 units divided by each channel's normalisation std (the inputs are normalised).
-Per batch and T: one forward + backward gives the gradient sign; then one forward
-per ε > 0 (all ε stacked in one batch). ε = 0 reuses the first forward.
+Per batch: one forward (kept for autograd), one backward per T through that same graph
+(the logits do not depend on T, only the loss does), then one forward of every perturbed
+input of every (T, ε > 0) stacked into as few batches as `max_batch` allows. ε = 0 reuses the
+clean forward. The gradient stays in the network's precision: only its sign is used, and a
+lower-precision gradient flips the sign of its smallest components, which changes scores.
 """
 
 from __future__ import annotations
@@ -44,6 +47,25 @@ def neg_max_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     )  # float64: at T=1000 scores differ in the 5th digit
 
 
+def gradient_signs(
+    logits_fn: LogitsFn, x: torch.Tensor, temps: Sequence[float]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """sign(∇x of -log S_ŷ(x;T)) for every T from one forward and one backward per T, and the clean logits."""
+    x = x.detach().requires_grad_(True)
+    signs = []
+    with torch.enable_grad():
+        logits = logits_fn(x)
+        pred = logits.argmax(dim=1)[:, None]
+        for k, t in enumerate(temps):
+            nll = -torch.log_softmax(logits / t, dim=1).gather(1, pred).sum()
+            (grad,) = torch.autograd.grad(nll, x, retain_graph=k < len(temps) - 1)
+            signs.append(grad.sign())
+    return signs, logits.detach()
+
+
+DEFAULT_MAX_BATCH = 128  # perturbed images per forward: bounds memory, large enough to keep the cores busy
+
+
 @torch.no_grad()
 def odin_grid_batch(
     logits_fn: LogitsFn,
@@ -56,19 +78,21 @@ def odin_grid_batch(
     """ODIN scores for one batch on the whole grid: (B, len(temps), len(eps))."""
     b = x.shape[0]
     out = torch.empty(b, len(temps), len(eps), dtype=torch.float64)
-    positive = [(j, e) for j, e in enumerate(eps) if e > 0]
+    signs, logits = gradient_signs(logits_fn, x, temps)
+    points = []  # (i, j): every (T, ε > 0), perturbed inputs stacked in this order
     for i, t in enumerate(temps):
-        sign, logits = gradient_sign(logits_fn, x, t)
         for j, e in enumerate(eps):
             if e == 0:
                 out[:, i, j] = neg_max_softmax(logits, t).double().cpu()
-        step = max(1, (max_batch or b * len(positive)) // b)
-        for k in range(0, len(positive), step):
-            group = positive[k : k + step]
-            xs = torch.cat([perturb(x, sign, e, std) for _, e in group])
-            scores = neg_max_softmax(logits_fn(xs), t).double().cpu().view(len(group), b)
-            for row, (j, _) in enumerate(group):
-                out[:, i, j] = scores[row]
+            else:
+                points.append((i, j))
+    step = max(1, (max_batch or max(DEFAULT_MAX_BATCH, b)) // b)
+    for k in range(0, len(points), step):
+        group = points[k : k + step]
+        xs = torch.cat([perturb(x, signs[i], eps[j], std) for i, j in group])
+        z = logits_fn(xs).view(len(group), b, -1)
+        for row, (i, j) in enumerate(group):
+            out[:, i, j] = neg_max_softmax(z[row], temps[i]).double().cpu()
     return out.numpy()
 
 

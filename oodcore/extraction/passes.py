@@ -44,7 +44,7 @@ def _collate(items: list[Mapping]) -> dict:
         values = [it[key] for it in items]
         if isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
-        elif isinstance(values[0], str):
+        elif isinstance(values[0], (str, bytes)):
             out[key] = values
         else:
             out[key] = torch.as_tensor(values)
@@ -62,11 +62,16 @@ def run_pass(
     desc: str = "extract",
     progress: ProgressFn | None = None,
     stop_after_chunks: int | None = None,
-) -> dict[str, np.ndarray]:
+    gather: bool = True,
+    persistent_workers: bool = False,
+    prefetch_factor: int | None = None,
+) -> dict[str, np.ndarray] | list[Path]:
     """Run `process_batch` over every item of `dataset`; return the concatenated rows.
 
     Besides the arrays from `process_batch`, rows carry `ok` (bool) and `error`
     (str) from the dataset. `stop_after_chunks` simulates a crash (tests).
+    With ``gather=False`` nothing is held in memory beyond the chunk being filled: the
+    chunk files are returned in order instead (see oodcore.extraction.stream).
     """
     n = len(dataset)
     parts_dir = Path(parts_dir)
@@ -90,8 +95,9 @@ def run_pass(
             batch_sampler=batches,
             num_workers=workers,
             collate_fn=_collate,
-            persistent_workers=False,
+            persistent_workers=persistent_workers and workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **({"prefetch_factor": prefetch_factor} if workers > 0 and prefetch_factor else {}),
         )
         pending: dict[str, list] = {}
         chunk_start = None
@@ -119,6 +125,8 @@ def run_pass(
                     bar.close()
                     raise KeyboardInterrupt(f"stopped after {written} chunk(s) (simulated crash)")
     bar.close()
+    if not gather:
+        return [_chunk_path(parts_dir, s) for s in starts]
     return _gather(parts_dir, starts)
 
 

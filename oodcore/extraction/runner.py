@@ -7,6 +7,7 @@ last chunk, and a changed file, model, preprocessing or protocol recomputes.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from oodcore.data.protocols import build_protocol
 from oodcore.data.splits import FIT_FRACTION, SPLIT_SEED, id_fit_split
 from oodcore.detectors import STUDY_EPSILONS, STUDY_TEMPERATURES
 from oodcore.extraction.passes import discard_parts
-from oodcore.store import cache, thumbs
+from oodcore.extraction.stream import open_npz_maps, take_rows, write_npz_stream
+from oodcore.store import cache
 
 Progress = Callable[[str, float], None]
 
@@ -48,6 +50,10 @@ class RunOptions:
     fit_fraction: float = FIT_FRACTION
     amp: bool = True
     channels_last: bool = True
+    freeze: bool = True
+    threads: int | None = None
+    draft: bool = False
+    gpu_decode: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -81,11 +87,17 @@ def run_study(
     benchmark = opts.name or default_name(opts)
     say(f"loading {opts.arch}", 0.0)
     bundle = load_model(opts.arch, device=opts.device, weights=opts.weights)
-    channels_last = opts.channels_last and opts.device == "cuda"  # a GPU speed-up; on CPU it only costs copies
+    channels_last = opts.channels_last  # measured faster on CPU too (bench), and on CUDA with AMP
     if channels_last:
         bundle.network.to(memory_format=torch.channels_last)
+    threads = opts.threads
+    if threads is None and opts.device == "cpu" and opts.workers > 0:
+        threads = max(1, (os.cpu_count() or 1) - opts.workers)  # the cores the decoding workers leave
     folder = cache.arch_dir(root, benchmark, opts.arch)
     base = {"model": cache_key(bundle), "protocol": spec.name, "classes": list(spec.class_wnids)}
+    gpu_decode = opts.gpu_decode and opts.device.startswith("cuda") and torch.cuda.is_available()
+    if opts.draft or gpu_decode:  # other pixels than a full PIL decode: never mixed with those in one cache entry
+        base["decode"] = "+".join(k for k, on in (("jpeg-draft-2x", opts.draft), ("gpu-nvjpeg", gpu_decode)) if on)
     c, h, w = bundle.input_size
 
     def split_key(split: str, split_root: Path, entries: list) -> str:
@@ -97,8 +109,10 @@ def run_study(
         target = folder / f"{split}-{key}.npz"
         if not target.is_file():
             parts = folder / "parts" / f"{split}-{key}"
-            dataset = ImageFileDataset(split_root, entries, bundle.transform, image_shape=(c, h, w))
-            arrays, skipped = extract_split(
+            dataset = ImageFileDataset.for_model(
+                split_root, entries, bundle.transform, (c, h, w), draft=opts.draft, gpu_decode=gpu_decode
+            )
+            _, skipped = extract_split(
                 bundle,
                 dataset,
                 [e.relpath for e in entries],
@@ -109,16 +123,15 @@ def run_study(
                 workers=opts.workers,
                 amp=opts.amp,
                 channels_last=channels_last,
+                freeze=opts.freeze and opts.device == "cpu",
+                threads=threads,
                 desc=f"{opts.arch} {split}",
                 stop_after_chunks=stop_after_chunks,
                 progress=lambda d, n: say(f"extracting {split} ({d}/{n})", step),
+                out_path=target,  # streamed from the chunks: the split is never held in memory
+                row_arrays={"labels": labels},
+                what=split,
             )
-            if len(arrays["index"]) == 0:
-                raise ValueError(f"every {split} image was unreadable ({len(entries)} tried): {skipped[:3]} ...")
-            arrays["labels"] = labels[arrays["index"]]
-            arrays["skipped_paths"] = np.asarray([s["path"] for s in skipped], dtype=str)
-            arrays["skipped_errors"] = np.asarray([s["error"] for s in skipped], dtype=str)
-            cache.write_artifact(folder, target.name, arrays)
             discard_parts(parts)
         return target.name, key, _summary(folder / target.name)
 
@@ -155,8 +168,8 @@ def run_study(
             if not target.is_file():
                 parts = folder / "parts" / f"odin_{split}-{okey}"
                 root_dir = spec.id_root if split == "id" else spec.ood_root
-                dataset = ImageFileDataset(
-                    root_dir, [entries[i] for i in index], bundle.transform, image_shape=(c, h, w)
+                dataset = ImageFileDataset.for_model(
+                    root_dir, [entries[i] for i in index], bundle.transform, (c, h, w), draft=opts.draft
                 )
                 scores = odin_split(
                     bundle,
@@ -240,19 +253,37 @@ def _partition_id(folder: Path, id_name: str | None, id_key: str, fraction: floa
     """
     names = _partition_names(id_key, fraction)
     if not all((folder / n).is_file() for n in names):
-        with np.load(folder / id_name, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        fit_idx, eval_idx = id_fit_split(arrays["labels"], fraction, SPLIT_SEED)
+        arrays = open_npz_maps(folder / id_name)  # memory maps: rows are copied a block at a time
+        fit_idx, eval_idx = id_fit_split(np.asarray(arrays["labels"]), fraction, SPLIT_SEED)
+        offsets = np.asarray(arrays["thumb_offsets"])
         for name, rows in zip(names, (eval_idx, fit_idx)):
-            part = {k: v[rows] for k, v in arrays.items() if k in ROW_ARRAYS}
+            part = {
+                k: (v.dtype, (len(rows), *v.shape[1:]), take_rows(v, rows))
+                for k, v in arrays.items()
+                if k in ROW_ARRAYS
+            }
             if name == names[0]:
-                part["skipped_paths"], part["skipped_errors"] = arrays["skipped_paths"], arrays["skipped_errors"]
-            part["thumb_data"], part["thumb_offsets"] = thumbs.take(arrays["thumb_data"], arrays["thumb_offsets"], rows)
-            cache.write_artifact(folder, name, part)
+                for k in ("skipped_paths", "skipped_errors"):
+                    part[k] = (arrays[k].dtype, arrays[k].shape, lambda a=arrays[k]: [np.asarray(a)])
+            lengths = offsets[rows + 1] - offsets[rows]
+            new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            part["thumb_data"] = (np.uint8, (int(new_offsets[-1]),), _thumb_pieces(arrays["thumb_data"], offsets, rows))
+            part["thumb_offsets"] = (np.int64, new_offsets.shape, lambda o=new_offsets: [o])
+            write_npz_stream(folder / name, part)
+        del arrays
     return names[0], names[1], _summary(folder / names[0]), _summary(folder / names[1])
 
 
 ROW_ARRAYS = ("logits", "features", "index", "paths", "labels")
+
+
+def _thumb_pieces(data: np.ndarray, offsets: np.ndarray, rows: np.ndarray, block: int = 4096):
+    def pieces():
+        for start in range(0, len(rows), block):
+            picked = rows[start : start + block]
+            yield np.concatenate([np.asarray(data[offsets[i] : offsets[i + 1]]) for i in picked])
+
+    return pieces
 
 
 def build_fit_entries(fit_dir: str, class_wnids: list[str]):

@@ -14,13 +14,18 @@ from PIL import Image
 QUALITY = 85
 
 
+def encode_one(thumb: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 thumbnail as JPEG bytes (deterministic: same pixels, same bytes)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(thumb, dtype=np.uint8)).save(buf, "JPEG", quality=QUALITY)
+    return buf.getvalue()
+
+
 def pack(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 -> (concatenated JPEG bytes, offsets of length N+1)."""
     chunks, offsets = [], [0]
     for thumb in thumbs:
-        buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(thumb, dtype=np.uint8)).save(buf, "JPEG", quality=QUALITY)
-        chunks.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+        chunks.append(np.frombuffer(encode_one(thumb), dtype=np.uint8))
         offsets.append(offsets[-1] + len(chunks[-1]))
     data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
     return data, np.asarray(offsets, dtype=np.int64)
