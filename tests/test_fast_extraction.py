@@ -209,3 +209,43 @@ def test_make_tree_png_dataset_still_takes_the_float_path(tmp_path):
     scan = scan_image_folder(root)
     ds = ImageFileDataset.for_model(root, scan.entries, lambda img: torch.zeros(3, 4, 4), (3, 4, 4))
     assert not ds.uint8 and ds.mean is None and ds[0]["image"].dtype == torch.float32
+
+
+BENCH_KEYS = {
+    "machine",
+    "extraction_ratio",
+    "odin_ratio",
+    "methods_seconds_52k",
+    "per_method_seconds",
+    "slider_seconds_52k",
+    "cold_start_seconds",
+    "extract_peak_rss_mb",
+}
+
+
+def test_bench_json_keys_are_stable():
+    from oodcore.cli.bench import stable_keys
+
+    full = stable_keys(
+        {
+            "machine": {"cores": 2},
+            "extraction": {"ratio": 1.4},
+            "odin": {"ratio": 2.6},
+            "methods_seconds_52k": 9.0,
+            "per_method_seconds": {"msp": 0.1},
+            "slider_seconds_52k": {"msp": 0.05},
+            "cold_start": {"seconds": 2.5},
+            "rss": {"extract_peak_rss_mb": {"2000": 700.0}},
+        }
+    )
+    assert set(full) == BENCH_KEYS and full["extraction_ratio"] == 1.4 and full["cold_start_seconds"] == 2.5
+    empty = stable_keys({"machine": {}})
+    assert set(empty) == BENCH_KEYS and empty["odin_ratio"] is None and empty["extract_peak_rss_mb"] is None
+
+
+def test_cold_start_bench_says_why_when_it_cannot_run(monkeypatch, tmp_path):
+    from oodcore.cli import bench_app
+
+    monkeypatch.setattr(bench_app, "CHROMIUM", tmp_path / "no-chromium")
+    out = bench_app.bench_cold_start()
+    assert out["seconds"] is None and "chromium" in out["note"]

@@ -18,7 +18,7 @@ import torch
 
 from oodcore.data.dataset import normalise_batch
 from oodcore.extraction.odin import odin_grid_batch
-from oodcore.extraction.passes import ProgressFn, run_pass
+from oodcore.extraction.passes import ProgressFn, done_chunks, run_pass
 from oodcore.extraction.stream import write_npz_stream
 from oodcore.store import thumbs
 
@@ -155,6 +155,7 @@ def extract_split(
         clock["network_s"] += time.perf_counter() - t0
         return out
 
+    _drop_old_chunks(parts_dir)
     with torch_threads(threads):
         chunks = run_pass(
             dataset,
@@ -179,6 +180,7 @@ def extract_split(
 
 
 def _chunk_meta(chunks: Sequence[Path]) -> list[dict]:
+    """The small per-row arrays of every chunk (the large ones are read one chunk at a time later)."""
     metas = []
     for path in chunks:
         with np.load(path, allow_pickle=False) as z:
@@ -190,10 +192,25 @@ def _chunk_meta(chunks: Sequence[Path]) -> list[dict]:
                     "index": z["index"],
                     "error": z["error"][~ok] if (~ok).any() else np.zeros(0, str),
                     "thumb_len": z["thumb_len"],
-                    "dims": {k: z[k].shape[1:] for k in ("logits", "features")},
                 }
             )
+    if metas:
+        with np.load(metas[0]["path"], allow_pickle=False) as z:
+            metas[0]["dims"] = {k: z[k].shape[1:] for k in ("logits", "features")}
     return metas
+
+
+def _drop_old_chunks(parts_dir: Path) -> None:
+    """Chunks left by a version that stored raw thumbnails are recomputed, not mixed in."""
+    for start in done_chunks(Path(parts_dir)):
+        path = Path(parts_dir) / f"chunk-{start:08d}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                stale = "thumb_len" not in z.files
+        except Exception:
+            stale = True
+        if stale:
+            path.unlink(missing_ok=True)
 
 
 def assemble(
