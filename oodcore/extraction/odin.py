@@ -6,7 +6,7 @@ Per batch: one forward (kept for autograd), one backward per T through that same
 (the logits do not depend on T, only the loss does), then one forward of every perturbed
 input of every (T, ε > 0) stacked into as few batches as `max_batch` allows. ε = 0 reuses the
 clean forward. The gradient stays in the network's precision: only its sign is used, and a
-lower-precision gradient flips the sign of its smallest components, which changes scores.
+lower-precision gradient could flip the sign of a near-zero component, which would change scores.
 """
 
 from __future__ import annotations
