@@ -305,3 +305,18 @@ def test_the_registry_key_is_the_same_in_every_process():
         for seed in ("1", "2", "3")
     }
     assert len(keys) == 1 and next(iter(keys)).startswith("[('msp'")
+
+
+def test_the_synthetic_study_generator_writes_cache_runs(tmp_path):
+    from oodcore.cli.synthetic import main as synthetic
+
+    args = ["--out", str(tmp_path), "--archs", "2", "--n-id", "40", "--n-ood", "12", "--n-fit", "20"]
+    assert synthetic(args + ["--classes", "5", "--dim", "8"]) == 0
+    runs = C.list_runs(tmp_path)
+    assert [r["arch"] for r in runs] == ["synth_arch00", "synth_arch01"]
+    data = C.load_benchmark(tmp_path, "synthetic", "synth_arch01")
+    assert (len(data.id), len(data.ood), len(data.fit), data.n_classes) == (40, 12, 20, 5)
+    assert data.odin.id.shape == (40, 4, 7) and data.head_weight.shape == (5, 8)
+    a = C.load_thumbnails(tmp_path, "synthetic", "synth_arch00", "ood")
+    b = C.load_thumbnails(tmp_path, "synthetic", "synth_arch01", "ood")
+    np.testing.assert_array_equal(a[0], b[0])  # the same images for every architecture
