@@ -17,6 +17,7 @@ from oodcore.evaluation.analysis import (
     odin_auroc_grid,
     softmax_confidence,
 )
+from oodcore.explorer import settings
 from oodcore.share import bundle as shared_bundle
 from oodcore.store import cache as C
 from oodcore.store.rundata import BenchmarkData
@@ -117,28 +118,26 @@ def _cached(kind: str, **kwargs):
 
         @st.cache_data(max_entries=64, show_spinner=False)
         def report(root: str, benchmark: str, arch: str, token: str, n_boot: int, registry: str) -> dict:
-            from oodcore.evaluation.report import evaluate_run
+            from oodcore.evaluation.stored import stored_report
 
-            data = load(root, benchmark, arch, token)
-            stored = data.meta.get("bundle", {}).get("report")  # a shared bundle's report, made when it was shared
-            if stored and stored.get("n_boot") == n_boot and stored.get("registry") == registry:
-                return json.loads(json.dumps(stored["report"]))
-            # one method at a time, so a method the cache cannot serve (e.g. an empty fit split)
-            # is listed as unavailable instead of sinking the whole architecture
-            report, rows, unavailable = None, [], []
-            for method in M.available_methods(data):
-                try:
-                    part = evaluate_run(data, [method.name], n_boot=n_boot)
-                except M.MethodUnavailable as exc:
-                    unavailable.append({"method": method.name, "label": method.label, "why": str(exc)})
-                    continue
-                for row in part["results"]:
-                    row["label"], row["trained_on_ood"] = method.label, bool(getattr(method, "trained_on_ood", False))
-                rows += part["results"]
-                report = report or part
-            report = report or evaluate_run(data, [], n_boot=n_boot)
-            report["results"], report["unavailable"] = rows, unavailable
-            return report
+            if store_of(root) is not C:  # a shared bundle: the report made when it was shared, never written here
+                data = load(root, benchmark, arch, token)
+                stored = data.meta.get("bundle", {}).get("report")
+                if stored and stored.get("n_boot") == n_boot and stored.get("registry") == registry:
+                    return json.loads(json.dumps(stored["report"]))
+                from oodcore.evaluation.stored import full_report
+
+                return full_report(data, n_boot)
+            # the report stored beside the run when it is current (no array is read); otherwise
+            # computed from the run's data and stored for the next reader (unless read-only)
+            return stored_report(
+                Path(root),
+                benchmark,
+                arch,
+                n_boot,
+                load=lambda: load(root, benchmark, arch, token),
+                write=not settings.readonly(),
+            )[0]
 
         @st.cache_data(max_entries=32, show_spinner=False)
         def honest(root: str, benchmark: str, arch: str, token: str) -> dict:

@@ -431,6 +431,9 @@ def _publish(root, cfg, run, folder, task, data, status, seconds, stopped_early,
     }
     C.save_trained(arch_folder, task.name, s_id, s_ood, meta)
     data.trained = C.load_trained(arch_folder, C.read_run(root, cfg.benchmark, cfg.arch))
+    from oodcore.evaluation.stored import stored_report
+
+    stored_report(root, cfg.benchmark, cfg.arch, load=lambda: data)  # the leaderboard's report gains this row
     report = evaluate_run(data, [task.name], n_boot=n_boot, tune=False)
     row = report["results"][0]
     base_name, base_params = task.baseline
