@@ -100,3 +100,48 @@ def test_half_written_chunk_is_not_trusted(tmp_path):
     parts.mkdir()
     (parts / ".chunk-00000000.npz.abc.tmp").write_bytes(b"partial")
     assert done_chunks(parts) == set()
+
+
+class FakeDist:
+    """One rank of a torchrun group (the barrier is where the real ranks meet)."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world, self.barriers = rank, world, 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def owns(self, chunk_number):
+        return chunk_number % self.world == self.rank
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_sharded_pass_each_rank_its_chunks_a_killed_rank_resumes_rank0_gathers(tmp_path):
+    root = make_tree(tmp_path / "imgs", n=14)
+    scan = scan_image_folder(root)
+    ds = ImageFileDataset(root, scan.entries, transform, thumb_size=8, image_shape=(3, 16, 16))
+    calls = []
+
+    def process(batch):
+        calls.extend(batch["index"].tolist())
+        return {"mean": batch["image"].mean(dim=(1, 2, 3)).numpy()}
+
+    single = run_pass(ds, tmp_path / "single", process, batch_size=2, chunk_size=4)
+    calls.clear()
+    parts = tmp_path / "parts"
+    one = FakeDist(1, 2)
+    assert run_pass(ds, parts, process, batch_size=2, chunk_size=4, dist=one) == {}  # only rank 0 gathers
+    assert calls == [4, 5, 6, 7, 12, 13] and one.barriers == 1  # chunks 1 and 3, no padding, no duplicate
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # rank 0 killed after its first chunk
+        run_pass(ds, parts, process, batch_size=2, chunk_size=4, dist=FakeDist(0, 2), stop_after_chunks=1)
+    assert calls == [0, 1, 2, 3]
+    calls.clear()
+    rows = run_pass(ds, parts, process, batch_size=2, chunk_size=4, dist=FakeDist(0, 2))  # the same command again
+    assert calls == [8, 9, 10, 11]  # only its missing chunk
+    assert set(rows) == set(single)
+    for key in rows:
+        assert rows[key].tobytes() == single[key].tobytes(), key

@@ -65,6 +65,7 @@ def run_pass(
     gather: bool = True,
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
+    dist=None,
 ) -> dict[str, np.ndarray] | list[Path]:
     """Run `process_batch` over every item of `dataset`; return the concatenated rows.
 
@@ -72,22 +73,29 @@ def run_pass(
     (str) from the dataset. `stop_after_chunks` simulates a crash (tests).
     With ``gather=False`` nothing is held in memory beyond the chunk being filled: the
     chunk files are returned in order instead (see oodcore.extraction.stream).
+    `dist` (oodcore.extraction.distributed.Dist under torchrun): this rank runs only the chunks it
+    owns, all ranks meet at a barrier, and only rank 0 gathers or gets the chunk list (the others
+    get an empty dict).
     """
     n = len(dataset)
     parts_dir = Path(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     have = done_chunks(parts_dir)
     starts = list(range(0, n, chunk_size))
-    todo = [s for s in starts if s not in have]
+    mine = [s for i, s in enumerate(starts) if dist is None or dist.owns(i)]
+    todo = [s for s in mine if s not in have]
     batches: list[list[int]] = []
     for start in todo:
         stop = min(start + chunk_size, n)
         batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
 
-    done_images = n - sum(min(s + chunk_size, n) - s for s in todo)
-    bar = _progress_bar(n, done_images, desc, enabled=progress is None)
+    n_mine = sum(min(s + chunk_size, n) - s for s in mine)
+    done_images = n_mine - sum(min(s + chunk_size, n) - s for s in todo)
+    if dist is not None and dist.world > 1:
+        desc = f"{desc} (rank {dist.rank}/{dist.world})"
+    bar = _progress_bar(n_mine, done_images, desc, enabled=progress is None)
     if progress:
-        progress(done_images, n)
+        progress(done_images, n_mine)
     written = 0
     if batches:
         loader = DataLoader(
@@ -115,7 +123,7 @@ def run_pass(
             done_images += len(index)
             bar.update(len(index))
             if progress:
-                progress(done_images, n)
+                progress(done_images, n_mine)
             chunk_end = min(chunk_start + chunk_size, n)
             if int(index[-1]) + 1 >= chunk_end:
                 write_npz(_chunk_path(parts_dir, chunk_start), {k: np.concatenate(v) for k, v in pending.items()})
@@ -125,6 +133,10 @@ def run_pass(
                     bar.close()
                     raise KeyboardInterrupt(f"stopped after {written} chunk(s) (simulated crash)")
     bar.close()
+    if dist is not None and dist.world > 1:
+        dist.barrier()  # every shard's chunks are on disk
+        if not dist.is_main:
+            return {}
     if not gather:
         return [_chunk_path(parts_dir, s) for s in starts]
     return _gather(parts_dir, starts)

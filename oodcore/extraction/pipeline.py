@@ -105,7 +105,9 @@ def extract_split(
     row_arrays: dict[str, np.ndarray] | None = None,
     timings: dict | None = None,
     what: str = "split",
-) -> tuple[dict[str, np.ndarray], list[dict]]:
+    dist=None,
+    chunk_size: int = 1024,
+) -> tuple[dict[str, np.ndarray] | None, list[dict]]:
     """Logits (restricted to `class_indices`), features and thumbnails of every readable image.
 
     Returns the arrays of the good rows and a list of skipped files with reasons. With `out_path`
@@ -113,6 +115,7 @@ def extract_split(
     arrays such as labels, and the skipped list) and only `index`/`paths` are returned in memory.
     A dataset from `ImageFileDataset.for_model` hands over uint8 batches, normalised here once per batch.
     `timings` (a dict) receives the seconds spent waiting for batches, in the network and writing.
+    Under torchrun (`dist`) every rank extracts its chunks and only rank 0 assembles (the others get None).
     """
     device = torch.device(device)
     mask = None if class_indices is None else torch.as_tensor(np.asarray(class_indices), device=device)
@@ -168,7 +171,11 @@ def extract_split(
             stop_after_chunks=stop_after_chunks,
             gather=False,
             persistent_workers=device.type == "cuda",
+            dist=dist,
+            chunk_size=chunk_size,
         )
+    if dist is not None and not dist.is_main:
+        return None, []
     t0 = time.perf_counter()
     result = assemble(chunks, paths, out_path=out_path, row_arrays=row_arrays)
     if out_path is not None and len(result[0]["index"]) == 0:
@@ -283,8 +290,10 @@ def odin_split(
     workers: int = 0,
     progress: ProgressFn | None = None,
     desc: str = "odin grid",
-) -> np.ndarray:
-    """ODIN scores on the grid, (N, len(temps), len(eps)), for the rows kept by extraction."""
+    dist=None,
+    chunk_size: int = 1024,
+) -> np.ndarray | None:
+    """ODIN scores on the grid, (N, len(temps), len(eps)), for the rows kept by extraction (rank 0 only)."""
     device = torch.device(device)
     mask = None if class_indices is None else torch.as_tensor(np.asarray(class_indices), device=device)
     std = tuple(float(s) for s in model.std)
@@ -302,6 +311,18 @@ def odin_split(
             x = normalise_batch(x, mean, norm_std)
         return {"scores": odin_grid_batch(logits_fn, x, temps, eps, std)}
 
-    rows = run_pass(dataset, parts_dir, process, batch_size=batch_size, workers=workers, desc=desc, progress=progress)
+    rows = run_pass(
+        dataset,
+        parts_dir,
+        process,
+        batch_size=batch_size,
+        workers=workers,
+        desc=desc,
+        progress=progress,
+        dist=dist,
+        chunk_size=chunk_size,
+    )
+    if dist is not None and not dist.is_main:
+        return None
     position = {int(i): k for k, i in enumerate(rows["index"])}
     return rows["scores"][[position[int(i)] for i in keep_index]]
