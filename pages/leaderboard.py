@@ -42,6 +42,13 @@ unavailable = [f"{u['label']} on {r['arch']}: {u['why']}" for r in reports for u
 if unavailable:
     with st.expander(f"{len(unavailable)} method/architecture pair(s) could not be scored from this cache"):
         st.markdown("\n".join(f"- {line}" for line in unavailable))
+smaller = [r["arch"] for r in reports if r.get("official_id_set") is False]
+if smaller:
+    st.warning(
+        f"The evaluated ID set is smaller than the official one for {', '.join(smaller)}: with no fit folder and "
+        "no ImageNet train/ beside the ID images, a share of the ID images was held out to fit the detectors "
+        "and is never evaluated."
+    )
 frame = analysis.report_frame(reports)
 if frame.empty:
     st.info("No method could score this benchmark's cached runs.")

@@ -7,6 +7,7 @@ OOD set and is reported on the *held-out* part.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -62,3 +63,42 @@ def id_fit_split(
     fit_idx = np.sort(np.concatenate(fit)) if fit else np.zeros(0, np.int64)
     eval_idx = np.setdiff1d(np.arange(len(labels)), fit_idx)
     return fit_idx, eval_idx
+
+
+FIT_PER_CLASS = 10
+
+
+def find_train_root(id_dir: str | Path, id_root: Path) -> Path | None:
+    """`train/` beside the ID images when the ID folder is an ImageNet root (`<root>/train`, `<root>/val`)."""
+    for candidate in (Path(id_dir) / "train", Path(id_root).parent / "train" if Path(id_root).name == "val" else None):
+        if candidate is not None and candidate.is_dir() and candidate.resolve() != Path(id_root).resolve():
+            return candidate.resolve()
+    return None
+
+
+def sample_train(train_root: Path, class_wnids: list[str], per_class: int = FIT_PER_CLASS, seed: int = SPLIT_SEED):
+    """A seeded sample of `per_class` images of each class from `train/<wnid>/` -> (entries, labels).
+
+    Each class draws from its own seed (seed, ImageNet class index), so the sample of a class does
+    not depend on which other classes are masked. Labels index `class_wnids`. Only the class folders
+    of the mask are listed, never the whole train set.
+    """
+    import os
+
+    from oodcore.data.folders import FileEntry
+    from oodcore.data.imagenet import wnid_to_index
+    from oodcore.data.images import is_image_file
+
+    w2i = wnid_to_index()
+    entries, labels = [], []
+    for label, wnid in enumerate(class_wnids):
+        folder = Path(train_root) / wnid
+        if not folder.is_dir():
+            continue
+        names = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name) and e.name[0] != ".")
+        rng = np.random.default_rng([seed, w2i.get(wnid, label)])
+        for name in sorted(names[i] for i in rng.permutation(len(names))[:per_class]):
+            st = os.stat(folder / name)
+            entries.append(FileEntry(f"{wnid}/{name}", wnid, int(st.st_size), int(st.st_mtime_ns)))
+            labels.append(label)
+    return entries, np.asarray(labels, dtype=np.int64)

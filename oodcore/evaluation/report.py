@@ -93,6 +93,9 @@ def evaluate_run(
         "n_classes": data.n_classes,
         "id_top1": data.id_top1(),
         "skipped": [s["path"] for s in data.meta.get("skipped", [])],
+        "fit_split": data.meta.get("fit_split"),
+        "fit_source": data.meta.get("fit_source"),
+        "official_id_set": data.meta.get("official_id_set"),
         "split": None
         if split is None
         else {
@@ -126,6 +129,8 @@ def format_table(report: dict) -> str:
         f"ID top-1 {100 * report['id_top1']:.1f}%"
     )
     lines = [head]
+    if report.get("fit_split"):
+        lines.append(report["fit_split"])
     if report.get("skipped"):
         lines.append(f"skipped {len(report['skipped'])} unreadable file(s); see the JSON for paths")
     cols = ["AUROC", "AUPR-Out", "AUPR-In", "FPR95(OOD+)", "FPR95(ID+)"]

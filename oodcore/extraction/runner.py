@@ -20,8 +20,9 @@ from oodcore.data.dataset import ImageFileDataset
 from oodcore.data.folders import fingerprint
 from oodcore.data.imagenet import class_name
 from oodcore.data.protocols import build_protocol
-from oodcore.data.splits import FIT_FRACTION, SPLIT_SEED, id_fit_split
+from oodcore.data.splits import FIT_FRACTION, FIT_PER_CLASS, SPLIT_SEED, find_train_root, id_fit_split, sample_train
 from oodcore.detectors import STUDY_EPSILONS, STUDY_TEMPERATURES
+from oodcore.extraction.distributed import SINGLE, Dist
 from oodcore.extraction.passes import discard_parts
 from oodcore.extraction.stream import open_npz_maps, take_rows, write_npz_stream
 from oodcore.store import cache
@@ -48,6 +49,9 @@ class RunOptions:
     weights: str | None = None
     fit_dir: str | None = None
     fit_fraction: float = FIT_FRACTION
+    fit_per_class: int = FIT_PER_CLASS
+    chunk_size: int = 1024  # images per resumable chunk (and per torchrun shard unit)
+    label: str = ""  # progress prefix, e.g. "[2/3] " in a multi-architecture study
     amp: bool = True
     channels_last: bool = True
     freeze: bool = True
@@ -68,9 +72,19 @@ def default_name(opts: RunOptions) -> str:
 
 
 def run_study(
-    opts: RunOptions, root: Path, progress: Progress | None = None, stop_after_chunks: int | None = None
+    opts: RunOptions,
+    root: Path,
+    progress: Progress | None = None,
+    stop_after_chunks: int | None = None,
+    dist: Dist = SINGLE,
 ) -> tuple[str, Path]:
-    """Extract (or reuse) everything for one run and publish its run.json; returns (benchmark, folder)."""
+    """Extract (or reuse) everything for one run and publish its run.json; returns (benchmark, folder).
+
+    Fit images: `--fit-dir`, else a seeded `fit_per_class` sample of `train/` when the ID root is
+    an ImageNet root holding it (every ID image is then evaluated, as the official protocol does),
+    else a held-out fraction of the ID images (the evaluated ID set is then smaller than the
+    official one, and run.json says so). Under torchrun (`dist`) the ranks share each pass.
+    """
     from oodcore.extraction.pipeline import extract_split, odin_split
     from oodcore.models.registry import cache_key, load_model
 
@@ -108,10 +122,11 @@ def run_study(
         key = split_key(split, split_root, entries)
         target = folder / f"{split}-{key}.npz"
         if not target.is_file():
-            parts = folder / "parts" / f"{split}-{key}"
+            parts = folder / "parts" / f"{split}-{key}-c{opts.chunk_size}"
             dataset = ImageFileDataset.for_model(
                 split_root, entries, bundle.transform, (c, h, w), draft=opts.draft, gpu_decode=gpu_decode
             )
+            say(f"{opts.label}{opts.arch}: extracting {split} ({len(entries)} images)", step)
             _, skipped = extract_split(
                 bundle,
                 dataset,
@@ -125,20 +140,26 @@ def run_study(
                 channels_last=channels_last,
                 freeze=opts.freeze and opts.device == "cpu",
                 threads=threads,
-                desc=f"{opts.arch} {split}",
+                desc=f"{opts.label}{opts.arch} {split}",
                 stop_after_chunks=stop_after_chunks,
-                progress=lambda d, n: say(f"extracting {split} ({d}/{n})", step),
+                progress=None if progress is None else lambda d, n: say(f"extracting {split} ({d}/{n})", step),
                 out_path=target,  # streamed from the chunks: the split is never held in memory
                 row_arrays={"labels": labels},
                 what=split,
+                dist=dist,  # under torchrun each rank extracts its chunks; rank 0 writes the artifact
+                chunk_size=opts.chunk_size,
             )
-            discard_parts(parts)
+            if dist.is_main:
+                discard_parts(parts)
+            dist.barrier()  # the artifact is published before any rank reads it
         return target.name, key, _summary(folder / target.name)
 
     files: dict[str, str] = {}
     info: dict[str, dict] = {}
     id_key = split_key("id", spec.id_root, spec.id_files)
-    partitioned = None if opts.fit_dir else _partition_names(id_key, opts.fit_fraction)
+    train_root = None if opts.fit_dir else find_train_root(opts.id_dir, spec.id_root)
+    holdout = not opts.fit_dir and train_root is None
+    partitioned = _partition_names(id_key, opts.fit_fraction) if holdout else None
     if partitioned and all((folder / n).is_file() for n in partitioned):
         id_name, id_info = None, {"skipped": _summary(folder / partitioned[0])["skipped"]}  # already split: reuse
     else:
@@ -147,16 +168,34 @@ def run_study(
         "ood", spec.ood_root, spec.ood_files, np.full(len(spec.ood_files), -1, np.int64), 0.5
     )
     files["ood"] = ood_name
+    official = f"every ID image of the protocol's {spec.num_classes} classes is evaluated (the official ID set)"
     if opts.fit_dir:
         fit_spec = build_fit_entries(opts.fit_dir, spec.class_wnids)
         files["fit"], _, info["fit"] = extract("fit", fit_spec[0], fit_spec[1], fit_spec[2], 0.7)
         files["id"], info["id"] = id_name, id_info
-        fit_note = f"fit split: {info['fit']['n']} images from --fit-dir {opts.fit_dir}"
+        fit_source = {"kind": "fit-dir", "root": str(fit_spec[0])}
+        fit_note = f"fit split: {info['fit']['n']} images from --fit-dir {opts.fit_dir}; {official}"
+    elif train_root is not None:
+        entries, labels = sample_train(train_root, spec.class_wnids, opts.fit_per_class, SPLIT_SEED)
+        if not entries:
+            raise ValueError(f"{train_root} holds no image of the protocol's {spec.num_classes} classes")
+        files["fit"], _, info["fit"] = extract("fit", train_root, entries, labels, 0.7)
+        files["id"], info["id"] = id_name, id_info
+        fit_source = {"kind": "train", "root": str(train_root), "per_class": opts.fit_per_class, "seed": SPLIT_SEED}
+        fit_note = (
+            f"fit split: {info['fit']['n']} images from {train_root} ({opts.fit_per_class} per class of the "
+            f"protocol's {spec.num_classes} classes, seed {SPLIT_SEED}); {official}"
+        )
     else:
+        if dist.is_main:
+            _partition_id(folder, id_name, id_key, opts.fit_fraction)
+        dist.barrier()
         files["id"], files["fit"], info["id"], info["fit"] = _partition_id(folder, id_name, id_key, opts.fit_fraction)
+        fit_source = {"kind": "id-holdout", "fraction": opts.fit_fraction, "seed": SPLIT_SEED}
         fit_note = (
             f"fit split: {info['fit']['n']} ID images ({opts.fit_fraction:.0%} per class, seed {SPLIT_SEED}), "
-            f"never evaluated; ID is scored on the other {info['id']['n']}"
+            f"never evaluated; ID is scored on the other {info['id']['n']}: smaller than the official ID set "
+            f"(no --fit-dir and no train/ beside the ID images)"
         )
     if opts.odin_grid:
         for split, key, entries in (("id", id_key, spec.id_files), ("ood", ood_key, spec.ood_files)):
@@ -166,7 +205,8 @@ def run_study(
             )
             target = folder / f"odin_{split}-{okey}.npz"
             if not target.is_file():
-                parts = folder / "parts" / f"odin_{split}-{okey}"
+                say(f"{opts.label}{opts.arch}: ODIN grid on {split}", 0.9)
+                parts = folder / "parts" / f"odin_{split}-{okey}-c{opts.chunk_size}"
                 root_dir = spec.id_root if split == "id" else spec.ood_root
                 dataset = ImageFileDataset.for_model(
                     root_dir, [entries[i] for i in index], bundle.transform, (c, h, w), draft=opts.draft
@@ -182,17 +222,25 @@ def run_study(
                     device=opts.device,
                     batch_size=max(1, opts.batch_size // 2),
                     workers=opts.workers,
-                    desc=f"{opts.arch} {split} ODIN",
-                    progress=lambda d, n, split=split: say(f"ODIN grid on {split} ({d}/{n})", 0.9),
+                    desc=f"{opts.label}{opts.arch} {split} ODIN",
+                    progress=None
+                    if progress is None
+                    else lambda d, n, split=split: say(f"ODIN grid on {split} ({d}/{n})", 0.9),
+                    dist=dist,
+                    chunk_size=opts.chunk_size,
                 )
-                cache.write_artifact(
-                    folder,
-                    target.name,
-                    {"temps": np.asarray(opts.temps, float), "eps": np.asarray(opts.eps, float), "scores": scores},
-                )
-                discard_parts(parts)
+                if dist.is_main:
+                    cache.write_artifact(
+                        folder,
+                        target.name,
+                        {"temps": np.asarray(opts.temps, float), "eps": np.asarray(opts.eps, float), "scores": scores},
+                    )
+                    discard_parts(parts)
+                dist.barrier()
             files[f"odin_{split}"] = target.name
     files["head"] = f"head-{cache.key_of({**base, 'head': True})}.npz"
+    if not dist.is_main:  # rank 0 writes the head and publishes run.json
+        return benchmark, folder
     if not (folder / files["head"]).is_file():
         weight = bundle.head.weight.detach().float().cpu().numpy()[spec.class_indices]
         bias = bundle.head.bias.detach().float().cpu().numpy()[spec.class_indices]
@@ -212,6 +260,8 @@ def run_study(
             "n_fit": info["fit"]["n"],
             "skipped": skipped,
             "fit_split": fit_note,
+            "fit_source": fit_source,
+            "official_id_set": not holdout,
             "model": bundle.identity,
             "preprocess": bundle.preprocess,
             "id_root": str(spec.id_root),
