@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="One pass per split caches logits, features and thumbnails; methods are scored from the cache.",
     )
     p.add_argument(
-        "--arch", required=True, help="model name: efficientnet_lite0 (offline), timm names, or tv:<torchvision name>"
+        "--arch",
+        default=None,
+        help="model name(s), comma-separated: efficientnet_lite0/1/2 (offline), timm names, or tv:<torchvision name>",
     )
+    p.add_argument("--arch-file", default=None, help="file with one architecture name a line (# comments allowed)")
     p.add_argument("--id-dir", required=True, help="ID images: <root>/<wnid>/<img>, or the ImageNet root holding val/")
     p.add_argument("--ood-dir", required=True, help="OOD images, e.g. ImageNet-O as released (<root>/<wnid>/<img>)")
     p.add_argument(
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    p.add_argument(
+        "--chunk-size", type=int, default=1024, help="images per resumable chunk; under torchrun, the unit of sharding"
+    )
     p.add_argument(
         "--odin-grid", action="store_true", help="also precompute ODIN on the T x eps grid (needs the network)"
     )
@@ -72,10 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="images for fitted detectors (e.g. an ImageNet train subset); default: a seeded split of --id-dir",
     )
     p.add_argument(
+        "--fit-per-class",
+        type=int,
+        default=10,
+        help="when the ID root holds train/ (an ImageNet root): seeded fit images per class from train/ (default 10)",
+    )
+    p.add_argument(
         "--fit-fraction",
         type=float,
         default=0.2,
-        help="share of ID images per class held out for fitting when no --fit-dir is given (never evaluated)",
+        help="only without --fit-dir and train/: share of ID images per class held out for fitting (never evaluated)",
     )
     p.add_argument("--no-amp", action="store_true", help="on CUDA, run in float32 instead of mixed precision")
     p.add_argument(
@@ -114,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cold-start", action="store_true", help="also time `streamlit run app.py` to the first rendered page"
+    )
+    study = p.add_argument_group("synthetic study (--synthetic-study; see oodcore/cli/bench_study.py)")
+    study.add_argument(
+        "--synthetic-study",
+        action="store_true",
+        help="measure a synthetic many-architecture study: reports, leaderboard render, app RSS, fit peak RSS",
+    )
+    study.add_argument("--archs", type=int, default=24, help="architectures in the synthetic study")
+    study.add_argument("--n-id", type=int, default=10_000)
+    study.add_argument("--n-ood", type=int, default=2_000)
+    study.add_argument("--n-fit", type=int, default=10_000)
+    study.add_argument("--dim", type=int, default=2048, help="feature dimension")
+    study.add_argument(
+        "--fit-rows", default="10000,100000,1280000", help="fit-set sizes (float16 rows) for the fit peak-RSS figure"
+    )
+    study.add_argument(
+        "--fit-dim", type=int, default=None, help="feature dimension of the fit-RSS rows (default --dim)"
+    )
+    study.add_argument(
+        "--study-dir", default=None, help="keep the synthetic cache in this folder (default: a temp dir)"
     )
 
     p = sub.add_parser(
@@ -162,7 +194,7 @@ def _positive(value: int | None, flag: str) -> None:
         raise CliError(f"{flag} must be at least 1 (got {value})")
 
 
-def _report(data, args) -> int:
+def _report(data, args, root: Path | None = None) -> int:
     from oodcore.detectors import MethodUnavailable
     from oodcore.evaluation.report import (
         evaluate_run,
@@ -183,10 +215,15 @@ def _report(data, args) -> int:
         names += list(data.trained)
     if args.bootstrap < 0:
         raise CliError("--bootstrap must be >= 0")
-    try:
-        report = evaluate_run(data, names, n_boot=args.bootstrap)
-    except MethodUnavailable as exc:
-        raise CliError(str(exc)) from None
+    if args.methods == "all" and root is not None:
+        report = _stored(root, data, args.bootstrap)
+        unavailable += [u["method"] for u in report.get("unavailable", [])]
+        report = {k: v for k, v in report.items() if k != "unavailable"}
+    else:
+        try:
+            report = evaluate_run(data, names, n_boot=args.bootstrap)
+        except MethodUnavailable as exc:
+            raise CliError(str(exc)) from None
     if unavailable:
         report["unavailable"] = unavailable
     print(format_table(report))
@@ -212,6 +249,13 @@ def _with_fitted_store(data, root):
     return data
 
 
+def _stored(root: Path, data, n_boot: int) -> dict:
+    """The run's full report, read from beside the run when current, else computed now and stored."""
+    from oodcore.evaluation.stored import stored_report
+
+    return stored_report(root, data.benchmark, data.arch, n_boot, load=lambda: data)[0]
+
+
 def cmd_demo(args) -> int:
     from oodcore.extraction import demo
     from oodcore.store import cache
@@ -220,18 +264,38 @@ def cmd_demo(args) -> int:
     if args.rebuild or not demo.is_built(root):
         print(f"building the demo benchmark under {root} (once; seconds on a CPU)", file=sys.stderr)
     demo.build_demo(root, force=args.rebuild, progress=_stderr_progress())
-    return _report(_with_fitted_store(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), root), args)
+    return _report(_with_fitted_store(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), root), args, root)
+
+
+def _arch_list(args) -> list[str]:
+    """`--arch a,b,c` and/or `--arch-file FILE` (one name a line), in order, without repeats."""
+    names = [a.strip() for a in (args.arch or "").split(",") if a.strip()]
+    if args.arch_file:
+        path = Path(args.arch_file)
+        if not path.is_file():
+            raise CliError(f"--arch-file {args.arch_file} is not a file")
+        for line in path.read_text(encoding="utf-8-sig").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                names.append(line)
+    if not names:
+        raise CliError("give the architecture(s) with --arch NAME[,NAME...] or --arch-file FILE")
+    return list(dict.fromkeys(names))
 
 
 def cmd_run(args) -> int:
     from oodcore.data.folders import DatasetError
+    from oodcore.extraction.distributed import Dist
     from oodcore.extraction.runner import RunOptions, run_study
     from oodcore.store import cache
 
-    for flag in ("batch_size", "limit"):
+    archs = _arch_list(args)
+    for flag in ("batch_size", "limit", "fit_per_class", "chunk_size"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.workers < 0:
         raise CliError("--workers must be >= 0")
+    if args.bootstrap < 0:
+        raise CliError("--bootstrap must be >= 0")
     for flag in ("id_dir", "ood_dir"):
         if not Path(getattr(args, flag)).exists():
             raise CliError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
@@ -246,44 +310,93 @@ def cmd_run(args) -> int:
 
         if not torch.cuda.is_available():
             raise CliError("--device cuda was asked for but no CUDA device is available")
-    opts = RunOptions(
-        arch=args.arch,
-        id_dir=args.id_dir,
-        ood_dir=args.ood_dir,
-        protocol=args.protocol,
-        name=args.name,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        odin_grid=args.odin_grid,
-        limit=args.limit,
-        ood_list=args.ood_list,
-        ood_list_mode=args.ood_list_mode,
-        weights=args.weights,
-        amp=not args.no_amp,
-        fit_dir=args.fit_dir,
-        fit_fraction=args.fit_fraction,
-        gpu_decode=args.gpu_decode,
-        draft=args.jpeg_draft,
-    )
+    dist = Dist.from_env(args.device)
     root = cache_root(args.cache_dir)
     from oodcore.models.registry import WeightsUnavailableError
 
+    datas = []
     try:
-        benchmark, _ = run_study(opts, root)
-    except (DatasetError, WeightsUnavailableError) as exc:
+        for i, arch in enumerate(archs):
+            opts = RunOptions(
+                arch=arch,
+                id_dir=args.id_dir,
+                ood_dir=args.ood_dir,
+                protocol=args.protocol,
+                name=args.name,
+                device=dist.device if dist.active else args.device,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                odin_grid=args.odin_grid,
+                limit=args.limit,
+                ood_list=args.ood_list,
+                ood_list_mode=args.ood_list_mode,
+                weights=args.weights,
+                amp=not args.no_amp,
+                fit_dir=args.fit_dir,
+                fit_fraction=args.fit_fraction,
+                fit_per_class=args.fit_per_class,
+                chunk_size=args.chunk_size,
+                gpu_decode=args.gpu_decode,
+                draft=args.jpeg_draft,
+                label=f"[{i + 1}/{len(archs)}] " if len(archs) > 1 else "",
+            )
+            if len(archs) > 1 and dist.is_main:
+                print(f"[{i + 1}/{len(archs)}] {arch}", file=sys.stderr, flush=True)
+            benchmark, _ = run_study(opts, root, dist=dist)
+            if dist.is_main:
+                datas.append(_with_fitted_store(cache.load_benchmark(root, benchmark, arch), root))
+    except (DatasetError, WeightsUnavailableError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    data = _with_fitted_store(cache.load_benchmark(root, benchmark, args.arch), root)
-    if data.meta.get("skipped"):
-        print(f"skipped {len(data.meta['skipped'])} unreadable file(s):", file=sys.stderr)
-        for s in data.meta["skipped"][:20]:
-            print(f"  [{s['split']}] {s['path']}: {s['error']}", file=sys.stderr)
-    for note in data.meta.get("notes", []):
+    finally:
+        dist.close()
+    if not dist.is_main:
+        return 0  # rank 0 reports
+    for data in datas:
+        if data.meta.get("skipped"):
+            print(f"skipped {len(data.meta['skipped'])} unreadable file(s) [{data.arch}]:", file=sys.stderr)
+            for s in data.meta["skipped"][:20]:
+                print(f"  [{s['split']}] {s['path']}: {s['error']}", file=sys.stderr)
+    for note in datas[0].meta.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    print(f"benchmark {benchmark!r} cached under {root}; {data.meta.get('fit_split', '')}")
-    return _report(data, args)
+    print(f"benchmark {datas[0].benchmark!r} cached under {root}; {datas[0].meta.get('fit_split', '')}")
+    if len(datas) == 1:
+        return _report(datas[0], args, root)
+    return _study_report(datas, args, root)
+
+
+def _study_report(datas: list, args, root: Path) -> int:
+    """Several architectures: each run's stored report, then one architecture x method table."""
+    import pandas as pd
+
+    from oodcore.evaluation.crossarch import format_study, study_rows
+    from oodcore.evaluation.report import scores_frame
+
+    if args.methods != "all":
+        raise CliError("--methods works with one architecture; a multi-architecture study reports every method")
+    reports = [_stored(root, data, args.bootstrap) for data in datas]
+    print(format_study(reports))
+    if args.json_file:
+        Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
+        study = {
+            "benchmark": reports[0]["benchmark"],
+            "protocol": reports[0]["protocol"],
+            "archs": [r["arch"] for r in reports],
+            "table": study_rows(reports),
+            "reports": reports,
+        }
+        Path(args.json_file).write_text(json.dumps(study, indent=2) + "\n")
+        print(f"wrote {args.json_file}")
+    if args.scores_csv:
+        Path(args.scores_csv).parent.mkdir(parents=True, exist_ok=True)
+        frames = []
+        for data in datas:
+            names = [r["method"] for r in next(r for r in reports if r["arch"] == data.arch)["results"]]
+            frame = scores_frame(data, list(dict.fromkeys(names)))
+            frame.insert(0, "arch", data.arch)
+            frames.append(frame)
+        pd.concat(frames, ignore_index=True).to_csv(args.scores_csv, index=False)
+        print(f"wrote {args.scores_csv}")
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -316,6 +429,12 @@ def cmd_methods(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.synthetic_study:
+        for flag in ("archs", "n_id", "n_ood", "n_fit", "dim"):
+            _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+        from oodcore.cli.bench_study import run_study_bench
+
+        return run_study_bench(args)
     from oodcore.cli.bench import run_bench
 
     return run_bench(args)
