@@ -246,7 +246,7 @@ def write_fit_rows(path: Path, rows: int, dim: int, k: int = 200, chunk: int = 6
 def fit_peak(path: Path, method: str) -> dict:
     """Fit `method` on the memory-mapped fit rows in a fresh process; its peak RSS (MB) and seconds."""
     code = (
-        "import sys, time, resource, numpy as np\n"
+        "import sys, time, numpy as np\n"
         "from oodcore import detectors as M\n"
         "from oodcore.store.rundata import BenchmarkData, SplitArrays\n"
         "p, method = sys.argv[1], sys.argv[2]\n"
@@ -257,9 +257,12 @@ def fit_peak(path: Path, method: str) -> dict:
         "fit = SplitArrays(np.broadcast_to(np.float32(0), (len(labels), k)), feats, labels, np.asarray(['f']))\n"
         "data = BenchmarkData('fit', 'fit', 'p', [str(i) for i in range(k)], [str(i) for i in range(k)], one, one,"
         " head_weight=w.astype(np.float32), head_bias=np.zeros(k, np.float32), fit=fit)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "def hwm():  # this process's own peak (ru_maxrss would carry the parent's over fork + exec)\n"
+        "    line = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0]\n"
+        "    return int(line.split()[1]) / 1024\n"
+        "base = hwm()\n"
         "t = time.perf_counter(); M.get(method).state(data); t = time.perf_counter() - t\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base, t)\n"
+        "print(hwm(), base, t)\n"
     )
     repo = Path(__file__).resolve().parents[2]  # `python -c` in the checkout imports this oodcore
     proc = subprocess.run([sys.executable, "-c", code, str(path), method], capture_output=True, text=True, cwd=repo)
