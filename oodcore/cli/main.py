@@ -267,29 +267,19 @@ def cmd_demo(args) -> int:
     return _report(_with_fitted_store(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), root), args, root)
 
 
-def _arch_list(args) -> list[str]:
-    """`--arch a,b,c` and/or `--arch-file FILE` (one name a line), in order, without repeats."""
-    names = [a.strip() for a in (args.arch or "").split(",") if a.strip()]
-    if args.arch_file:
-        path = Path(args.arch_file)
-        if not path.is_file():
-            raise CliError(f"--arch-file {args.arch_file} is not a file")
-        for line in path.read_text(encoding="utf-8-sig").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                names.append(line)
-    if not names:
-        raise CliError("give the architecture(s) with --arch NAME[,NAME...] or --arch-file FILE")
-    return list(dict.fromkeys(names))
-
-
 def cmd_run(args) -> int:
+    from oodcore.cli.study_run import arch_list, study_report
     from oodcore.data.folders import DatasetError
     from oodcore.extraction.distributed import Dist
     from oodcore.extraction.runner import RunOptions, run_study
     from oodcore.store import cache
 
-    archs = _arch_list(args)
+    try:
+        archs = arch_list(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if len(archs) > 1 and args.methods != "all":
+        raise CliError("--methods works with one architecture; a multi-architecture study reports every method")
     for flag in ("batch_size", "limit", "fit_per_class", "chunk_size"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.workers < 0:
@@ -361,42 +351,7 @@ def cmd_run(args) -> int:
     print(f"benchmark {datas[0].benchmark!r} cached under {root}; {datas[0].meta.get('fit_split', '')}")
     if len(datas) == 1:
         return _report(datas[0], args, root)
-    return _study_report(datas, args, root)
-
-
-def _study_report(datas: list, args, root: Path) -> int:
-    """Several architectures: each run's stored report, then one architecture x method table."""
-    import pandas as pd
-
-    from oodcore.evaluation.crossarch import format_study, study_rows
-    from oodcore.evaluation.report import scores_frame
-
-    if args.methods != "all":
-        raise CliError("--methods works with one architecture; a multi-architecture study reports every method")
-    reports = [_stored(root, data, args.bootstrap) for data in datas]
-    print(format_study(reports))
-    if args.json_file:
-        Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
-        study = {
-            "benchmark": reports[0]["benchmark"],
-            "protocol": reports[0]["protocol"],
-            "archs": [r["arch"] for r in reports],
-            "table": study_rows(reports),
-            "reports": reports,
-        }
-        Path(args.json_file).write_text(json.dumps(study, indent=2) + "\n")
-        print(f"wrote {args.json_file}")
-    if args.scores_csv:
-        Path(args.scores_csv).parent.mkdir(parents=True, exist_ok=True)
-        frames = []
-        for data in datas:
-            names = [r["method"] for r in next(r for r in reports if r["arch"] == data.arch)["results"]]
-            frame = scores_frame(data, list(dict.fromkeys(names)))
-            frame.insert(0, "arch", data.arch)
-            frames.append(frame)
-        pd.concat(frames, ignore_index=True).to_csv(args.scores_csv, index=False)
-        print(f"wrote {args.scores_csv}")
-    return 0
+    return study_report(datas, args, root, _stored)
 
 
 def cmd_list(args) -> int:
