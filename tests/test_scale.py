@@ -148,6 +148,7 @@ def test_many_architectures_one_table_and_stored_reports(layout, tmp_path, capsy
     text = capsys.readouterr()
     assert "[1/2] test_resnet" in text.err and "[2/2] test_efficientnet" in text.err
     assert "AUROC (%" in text.out and "FPR95(OOD+) (%" in text.out
+    assert "not scored on" not in text.out  # the fit split from train/ serves every fitted detector
     study = json.loads(out.read_text())
     assert study["archs"] == ["test_resnet", "test_efficientnet"]
     assert {r["arch"] for r in study["table"]} == {"test_resnet", "test_efficientnet"}

@@ -29,11 +29,17 @@ def study_report(datas: list, args, root: Path, stored) -> int:
     """Several architectures: each run's stored report, then one architecture x method table."""
     import pandas as pd
 
+    from oodcore import detectors as M
     from oodcore.evaluation.crossarch import format_study, study_rows
     from oodcore.evaluation.report import scores_frame
 
     reports = [stored(root, data, args.bootstrap) for data in datas]
     print(format_study(reports))
+    for data, report in zip(datas, reports):
+        missing = [m.name for m in M.REGISTRY.values() if not m.available(data)]
+        missing += [u["method"] for u in report.get("unavailable", [])]
+        if missing:
+            print(f"not scored on {data.arch} (the cache lacks what they need): {', '.join(missing)}")
     if args.json_file:
         Path(args.json_file).parent.mkdir(parents=True, exist_ok=True)
         study = {
