@@ -52,7 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch-file", default=None, help="file with one architecture name a line (# comments allowed)")
     p.add_argument("--id-dir", required=True, help="ID images: <root>/<wnid>/<img>, or the ImageNet root holding val/")
-    p.add_argument("--ood-dir", required=True, help="OOD images, e.g. ImageNet-O as released (<root>/<wnid>/<img>)")
+    p.add_argument("--ood-dir", default=None, help="OOD images, e.g. ImageNet-O as released (<root>/<wnid>/<img>)")
+    p.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:GROUP]",
+        help="a named OOD test set (repeatable), ImageNet-O-shaped or flat (<root>/<image>); GROUP e.g. near, far",
+    )
+    p.add_argument(
+        "--openood-root",
+        default=None,
+        metavar="DIR",
+        help="OpenOOD v1.5's data root: adds its ImageNet-1K OOD sets (ssb_hard, ninco -> near; inaturalist, "
+        "textures, openimage_o -> far) selected by benchmark_imglist/imagenet/test_*.txt, and OpenImage-O's val "
+        "list as the tuning set unless --tune-ood is given",
+    )
+    p.add_argument(
+        "--ood-subset",
+        action="append",
+        default=[],
+        metavar="[NAME=]KIND",
+        help="ninco-clean (the 309 ImageNet-O images NINCO judged clean) or ninco-contaminated (the 78 holding an "
+        "ImageNet object); applies to every ImageNet-O-shaped set, or to set NAME",
+    )
+    p.add_argument(
+        "--tune-ood",
+        default=None,
+        metavar="NAME=PATH",
+        help="a separate OOD tuning set: ODIN's (T, eps) and OOD-trained detectors use it and are then scored on "
+        "every full test set; it is never evaluated (default: the test set's exposure split)",
+    )
     p.add_argument(
         "--protocol", choices=PROTOCOLS, default="imagenet-o", help="class mask and ID selection (default imagenet-o)"
     )
@@ -196,12 +226,8 @@ def _positive(value: int | None, flag: str) -> None:
 
 def _report(data, args, root: Path | None = None) -> int:
     from oodcore.detectors import MethodUnavailable
-    from oodcore.evaluation.report import (
-        evaluate_run,
-        format_table,
-        method_names,
-        scores_frame,
-    )
+    from oodcore.evaluation.report import format_table, method_names, scores_frame
+    from oodcore.evaluation.sets import evaluate_sets, format_sets_table
 
     try:
         names = method_names(args.methods)
@@ -215,18 +241,20 @@ def _report(data, args, root: Path | None = None) -> int:
         names += list(data.trained)
     if args.bootstrap < 0:
         raise CliError("--bootstrap must be >= 0")
-    if args.methods == "all" and root is not None:
+    if args.methods == "all" and root is not None and len(data.ood_sets) <= 1:
         report = _stored(root, data, args.bootstrap)
         unavailable += [u["method"] for u in report.get("unavailable", [])]
         report = {k: v for k, v in report.items() if k != "unavailable"}
     else:
         try:
-            report = evaluate_run(data, names, n_boot=args.bootstrap)
+            report = evaluate_sets(data, names, n_boot=args.bootstrap)
         except MethodUnavailable as exc:
             raise CliError(str(exc)) from None
     if unavailable:
         report["unavailable"] = unavailable
     print(format_table(report))
+    if report.get("sets"):
+        print(format_sets_table(report))
     if unavailable:
         print(f"not scored (the cache lacks what they need): {', '.join(unavailable)}")
     if args.json_file:
@@ -287,8 +315,9 @@ def cmd_run(args) -> int:
     if args.bootstrap < 0:
         raise CliError("--bootstrap must be >= 0")
     for flag in ("id_dir", "ood_dir"):
-        if not Path(getattr(args, flag)).exists():
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).exists():
             raise CliError(f"--{flag.replace('_', '-')} {getattr(args, flag)} does not exist")
+    sets, tune, subsets = _ood_sets(args)
     if not 0 < args.fit_fraction < 1:
         raise CliError(f"--fit-fraction must be between 0 and 1 (got {args.fit_fraction})")
     if args.fit_dir and not Path(args.fit_dir).is_dir():
@@ -320,6 +349,9 @@ def cmd_run(args) -> int:
                 limit=args.limit,
                 ood_list=args.ood_list,
                 ood_list_mode=args.ood_list_mode,
+                ood_sets=sets,
+                tune_ood=tune,
+                ood_subsets=subsets,
                 weights=args.weights,
                 amp=not args.no_amp,
                 fit_dir=args.fit_dir,
@@ -352,6 +384,35 @@ def cmd_run(args) -> int:
     if len(datas) == 1:
         return _report(datas[0], args, root)
     return study_report(datas, args, root, _stored)
+
+
+def _ood_sets(args):
+    """(--ood and --openood-root sets, the tuning set, --ood-subset by set name or None for all ImageNet-O-shaped)."""
+    from oodcore.data.folders import DatasetError
+    from oodcore.data.oodsets import OOD_SUBSETS, openood_sets, parse_ood_arg
+
+    try:
+        sets = [parse_ood_arg(text) for text in args.ood]
+        tune = parse_ood_arg(args.tune_ood, flag="--tune-ood", allow_group=False) if args.tune_ood else None
+        if args.openood_root:
+            extra, openood_tune, notes = openood_sets(args.openood_root)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            sets += extra
+            if tune is None and openood_tune is not None:
+                tune = openood_tune
+                print(f"note: tuning set: OpenOOD's OpenImage-O val list ({tune.imglist})", file=sys.stderr)
+    except DatasetError as exc:
+        raise CliError(str(exc)) from None
+    if not sets and not args.ood_dir:
+        raise CliError("give the OOD images: --ood-dir PATH, --ood NAME=PATH[:GROUP] or --openood-root DIR")
+    subsets: dict[str | None, str] = {}
+    for text in args.ood_subset:
+        name, _, kind = text.rpartition("=")
+        if kind not in OOD_SUBSETS:
+            raise CliError(f"--ood-subset {text}: choose {' or '.join(OOD_SUBSETS)} (optionally NAME=KIND)")
+        subsets[name or None] = kind
+    return sets, tune, subsets
 
 
 def cmd_list(args) -> int:

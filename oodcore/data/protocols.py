@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from oodcore.data.folders import DatasetError, FileEntry, fingerprint, scan_image_folder
+from oodcore.data.folders import DatasetError, FileEntry, ScanResult, _wnid_dirs, fingerprint, scan_image_folder
 from oodcore.data.imagenet import imagenet_wnids, wnid_to_index
 
 PROTOCOLS = ("imagenet-o", "full", "id-classes")
@@ -173,14 +173,20 @@ def build_protocol(
     ood_list_mode: str = "exclude",
     limit: Optional[int] = None,
     seed: int = 0,
+    ood_subset: Optional[str] = None,
 ) -> ProtocolSpec:
     """Scan both folders and apply ``protocol`` (one of PROTOCOLS).
 
     ``ood_list``: text file of OOD relpaths or bare filenames to exclude (``ood_list_mode=
     "exclude"``) or to keep exclusively (``"keep"``), e.g. a cleaned ImageNet-O subset.
     ``limit``: quick look with at most ``limit`` ID and ``limit`` OOD images (seeded,
-    stratified over classes). The class mask never depends on ``ood_list`` or ``limit``.
+    stratified over classes). ``ood_subset``: ``ninco-clean`` / ``ninco-contaminated`` keeps the
+    ImageNet-O images NINCO judged so (oodcore.data.oodsets). The class mask never depends on
+    ``ood_list``, ``ood_subset`` or ``limit``. Under ``full`` and ``id-classes`` the OOD folder may be
+    flat (``<root>/<image>``).
     """
+    from oodcore.data.oodsets import apply_subset, is_imagenet_shaped, scan_flat_folder
+
     if protocol not in PROTOCOLS:
         raise DatasetError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     if ood_list_mode not in OOD_LIST_MODES:
@@ -191,7 +197,17 @@ def build_protocol(
 
     id_scan = scan_image_folder(id_dir, strict_wnids=True)  # ID labels need ImageNet-1K classes
     # Only imagenet-o builds its mask from the OOD folders, so only there must they be 1K classes.
-    ood_scan = scan_image_folder(ood_dir, strict_wnids=(protocol == "imagenet-o"))
+    if protocol != "imagenet-o" and not _wnid_dirs(Path(ood_dir).expanduser()) and Path(ood_dir).is_dir():
+        flat_root, flat_entries, flat_ignored = scan_flat_folder(ood_dir)
+        ood_scan = ScanResult(flat_root, flat_entries, flat_ignored)
+    else:
+        if protocol == "imagenet-o" and Path(ood_dir).is_dir() and not is_imagenet_shaped(ood_dir):
+            if not _wnid_dirs(Path(ood_dir).expanduser()):
+                raise DatasetError(
+                    f"{ood_dir} is a flat folder (no <wnid>/ class folders): protocol 'imagenet-o' takes its class "
+                    "mask from an ImageNet-O-shaped set; add one (--ood-dir or --ood NAME=PATH) or use --protocol full"
+                )
+        ood_scan = scan_image_folder(ood_dir, strict_wnids=(protocol == "imagenet-o"))
     if ood_scan.non_imagenet_wnids:
         notes.append(
             f"OOD folder has {len(ood_scan.non_imagenet_wnids)} class folder(s) outside ImageNet-1K "
@@ -244,10 +260,17 @@ def build_protocol(
         items = read_ood_list(ood_list)
         ood_files, excluded = _apply_ood_list(ood_files, items, ood_list_mode, notes)
         notes.append(f"ood_list ({ood_list_mode}): {len(ood_files)} OOD file(s) kept, {len(excluded)} excluded")
+    if ood_subset is not None:
+        before = {e.relpath for e in ood_files}
+        ood_files, note = apply_subset(ood_files, ood_subset)
+        kept = {e.relpath for e in ood_files}
+        excluded += sorted(before - kept)
+        notes.append(note)
     if not ood_files:
         raise DatasetError(
             f"no OOD images left in {ood_scan.root}"
             + (f" after applying the ood_list ({ood_list_mode})" if ood_list is not None else "")
+            + (f" after --ood-subset {ood_subset}" if ood_subset is not None else "")
         )
 
     if limit is not None:

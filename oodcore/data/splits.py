@@ -31,6 +31,35 @@ class OodSplit:
     def tag(self) -> str:
         return f"ood-exposure-{self.fraction:g}-seed{self.seed}"
 
+    uses_tune_set = False
+
+    def restricted(self, base_rows: np.ndarray) -> "OodSplit":
+        """This split seen from a subset of the OOD rows (`base_rows`: each subset row's index in the full set)."""
+        base_rows = np.asarray(base_rows)
+        return OodSplit(
+            np.flatnonzero(np.isin(base_rows, self.exposure)),
+            np.flatnonzero(np.isin(base_rows, self.heldout)),
+            self.seed,
+            self.fraction,
+        )
+
+
+@dataclass(frozen=True)
+class TuneSetSplit:
+    """A separate OOD tuning set (--tune-ood): OOD-tuned choices use all of it; every test row is scored."""
+
+    name: str
+    n_tune: int
+    heldout: np.ndarray  # every row of the OOD test set(s)
+    exposure = None
+    uses_tune_set = True
+
+    def describe(self) -> str:
+        return f"tuned on the separate OOD tuning set {self.name!r} ({self.n_tune} images); scored on all {len(self.heldout)} test OOD images"
+
+    def tag(self) -> str:
+        return f"tune-set:{self.name}"
+
 
 def ood_split(n_ood: int, seed: int = SPLIT_SEED, fraction: float = EXPOSURE_FRACTION) -> OodSplit:
     """Split OOD row indices into exposure / held-out parts, reproducibly."""

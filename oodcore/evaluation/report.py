@@ -1,8 +1,11 @@
 """Score every method on a cached run and report it: JSON rows, a table, a scores CSV.
 
 Untuned methods are scored on the full OOD set. A method with a tuning grid
-(ODIN) also gets a row whose setting was chosen on the OOD *exposure* split and
-which is scored on the *held-out* split only; the row says so in `tuned_on`.
+(ODIN) also gets a row whose setting was chosen on the separate OOD tuning set
+(--tune-ood) and scored on every test image, or, without one, chosen on the OOD
+*exposure* split and scored on the *held-out* split only; `tuned_on` names the source.
+A run with several OOD sets is reported per set, per group (unweighted means of the
+sets' metrics, as OpenOOD reports) and overall (oodcore.evaluation.sets).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from oodcore import detectors as M
-from oodcore.data.splits import OodSplit, ood_split
+from oodcore.data.splits import OodSplit, TuneSetSplit
 from oodcore.evaluation.metrics import METRIC_NAMES, compute_metrics, evaluate
 from oodcore.store.rundata import BenchmarkData
 
@@ -31,15 +34,17 @@ def method_names(spec: str | None, data: BenchmarkData | None = None) -> list[st
     return names
 
 
-def eval_scores(method: M.Method, data: BenchmarkData, **params) -> tuple[np.ndarray, np.ndarray, OodSplit | None]:
+def eval_scores(
+    method: M.Method, data: BenchmarkData, **params
+) -> tuple[np.ndarray, np.ndarray, OodSplit | TuneSetSplit | None]:
     """Scores to evaluate: all OOD rows, or only the held-out ones for a detector trained with OOD exposure.
 
     Every page and report goes through this, so no view ever scores a detector on
-    the OOD images it was trained with.
+    the OOD images it was trained with (with a separate tuning set, every test row is held out).
     """
     s_id, s_ood = method.score_id_ood(data, **params)
     if method.trained_on_ood:
-        split = ood_split(len(data.ood))
+        split = data.tuning_split()
         return s_id, s_ood[split.heldout], split
     return s_id, s_ood, None
 
@@ -50,12 +55,16 @@ def tuning_grid(method: M.Method, data: BenchmarkData) -> list[dict[str, float]]
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def tune_on_exposure(method: M.Method, data: BenchmarkData, split: OodSplit) -> tuple[dict, float]:
-    """The setting with the best AUROC on (all ID, OOD exposure split)."""
+def tune_on_exposure(method: M.Method, data: BenchmarkData, split: OodSplit | TuneSetSplit) -> tuple[dict, float]:
+    """The setting with the best AUROC on (all ID, OOD exposure split), or on (all ID, the tuning set)."""
     best, best_auc = None, -np.inf
     for params in tuning_grid(method, data):
-        s_id, s_ood = method.score_id_ood(data, **params)
-        auc = compute_metrics(s_id, s_ood[split.exposure])["auroc"]
+        if split.uses_tune_set:
+            s_id, s_tune = method.score(data, data.id, **params), method.score(data, data.tune, **params)
+        else:
+            s_id, s_ood = method.score_id_ood(data, **params)
+            s_tune = s_ood[split.exposure]
+        auc = compute_metrics(s_id, s_tune)["auroc"]
         if auc > best_auc:
             best, best_auc = params, auc
     return best, float(best_auc)
@@ -71,18 +80,18 @@ def evaluate_run(
 ) -> dict:
     """The JSON report of a run (metrics as fractions)."""
     names = list(names) if names is not None else [m.name for m in M.available_methods(data)]
-    split = ood_split(len(data.ood)) if len(data.ood) >= 2 else None
+    split = data.tuning_split()
     rows = []
     for name in names:
         method = M.get_for(data, name)
         params = method.defaults()
         s_id, s_ood, used = eval_scores(method, data, **params)
         rows.append(_row(method, params, s_id, s_ood, used, n_boot, seed))
-        if tune and split is not None and method.tune_grid:
+        if tune and _can_tune(split) and method.tune_grid:
             best, exposure_auc = tune_on_exposure(method, data, split)
             s_id, s_ood = method.score_id_ood(data, **best)
             row = _row(method, best, s_id, s_ood[split.heldout], split, n_boot, seed)
-            row["exposure_auroc"] = exposure_auc
+            row["exposure_auroc" if not split.uses_tune_set else "tune_auroc"] = exposure_auc
             rows.append(row)
     return {
         "benchmark": data.benchmark,
@@ -96,15 +105,27 @@ def evaluate_run(
         "fit_split": data.meta.get("fit_split"),
         "fit_source": data.meta.get("fit_source"),
         "official_id_set": data.meta.get("official_id_set"),
-        "split": None
-        if split is None
-        else {
-            "seed": split.seed,
-            "fraction": split.fraction,
-            "n_exposure": len(split.exposure),
-            "n_heldout": len(split.heldout),
-        },
+        "split": None if split is None else _split_json(split),
+        "tuning_source": None if split is None else split.describe(),
         "results": rows,
+    }
+
+
+def _can_tune(split) -> bool:
+    """A split with rows to tune on and rows to score (a small set's view may have neither)."""
+    if split is None:
+        return False
+    return len(split.heldout) > 0 and (split.uses_tune_set or len(split.exposure) > 0)
+
+
+def _split_json(split) -> dict:
+    if split.uses_tune_set:
+        return {"tune_set": split.name, "n_tune": split.n_tune, "n_exposure": 0, "n_heldout": len(split.heldout)}
+    return {
+        "seed": split.seed,
+        "fraction": split.fraction,
+        "n_exposure": len(split.exposure),
+        "n_heldout": len(split.heldout),
     }
 
 
@@ -146,6 +167,8 @@ def format_table(report: dict) -> str:
     notes = [r["note"] for r in report["results"] if r["tuned_on"]]
     if notes:
         lines.append(f"* {notes[0]}; untuned rows are scored on the full OOD set")
+    if report.get("results_scope"):
+        lines.append(f"rows above: {report['results_scope']}")
     lines.append(
         "OOD is the positive class; FPR95(OOD+) = ID false-positive rate at 95% OOD recall, "
         "FPR95(ID+) = OOD acceptance at 95% ID recall; [95% bootstrap CI]"
@@ -158,7 +181,9 @@ def _params_text(params: dict) -> str:
 
 
 def scores_frame(data: BenchmarkData, names: Iterable[str]):
-    """One row per image: path, is_ood, label, pred and one column per method (default params)."""
+    """One row per image: path, is_ood, label, pred, ood_set (empty for ID) and one column per method (defaults)."""
+    from oodcore.store.scopes import set_column
+
     import pandas as pd
 
     frame = pd.DataFrame(
@@ -167,6 +192,7 @@ def scores_frame(data: BenchmarkData, names: Iterable[str]):
             "is_ood": np.r_[np.zeros(len(data.id), int), np.ones(len(data.ood), int)],
             "label": np.concatenate([data.id.labels, data.ood.labels]),
             "pred": np.concatenate([data.id.preds, data.ood.preds]),
+            "ood_set": np.concatenate([np.full(len(data.id), "", dtype=object), set_column(data)]),
         }
     )
     for name in names:

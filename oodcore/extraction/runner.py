@@ -19,8 +19,9 @@ import torch
 from oodcore.data.dataset import ImageFileDataset
 from oodcore.data.folders import fingerprint
 from oodcore.data.imagenet import class_name
-from oodcore.data.protocols import build_protocol
+from oodcore.data.oodsets import OodSetArg, is_imagenet_shaped
 from oodcore.data.splits import FIT_FRACTION, FIT_PER_CLASS, SPLIT_SEED, find_train_root, id_fit_split, sample_train
+from oodcore.data.studysets import ood_labels, resolve_study
 from oodcore.detectors import STUDY_EPSILONS, STUDY_TEMPERATURES
 from oodcore.extraction.distributed import SINGLE, Dist
 from oodcore.extraction.passes import discard_parts
@@ -34,7 +35,7 @@ Progress = Callable[[str, float], None]
 class RunOptions:
     arch: str
     id_dir: str
-    ood_dir: str
+    ood_dir: str | None
     protocol: str = "imagenet-o"
     name: str | None = None
     device: str = "cpu"
@@ -46,6 +47,9 @@ class RunOptions:
     limit: int | None = None
     ood_list: str | None = None
     ood_list_mode: str = "exclude"
+    ood_sets: list[OodSetArg] = field(default_factory=list)  # --ood NAME=PATH[:GROUP], after --ood-dir's set
+    tune_ood: OodSetArg | None = None  # --tune-ood NAME=PATH: tuning only, never evaluated
+    ood_subsets: dict[str | None, str] = field(default_factory=dict)  # --ood-subset [NAME=]KIND
     weights: str | None = None
     fit_dir: str | None = None
     fit_fraction: float = FIT_FRACTION
@@ -61,9 +65,27 @@ class RunOptions:
     notes: list[str] = field(default_factory=list)
 
 
+def test_sets(opts: RunOptions) -> list[OodSetArg]:
+    """The run's OOD test sets in order: --ood-dir's (named after its folder) first, then each --ood."""
+    first = [OodSetArg(cache.safe_name(Path(opts.ood_dir).resolve().name), opts.ood_dir)] if opts.ood_dir else []
+    return first + list(opts.ood_sets)
+
+
 def default_name(opts: RunOptions) -> str:
-    """`<id folder>-vs-<ood folder>-<protocol>[-limitN]`, e.g. `val-vs-imagenet-o-imagenet-o`."""
-    name = f"{Path(opts.id_dir).resolve().name}-vs-{Path(opts.ood_dir).resolve().name}-{opts.protocol}"
+    """`<id folder>-vs-<ood folder>-<protocol>[-limitN]`, e.g. `val-vs-imagenet-o-imagenet-o`.
+
+    With several sets the OOD part is --ood-dir's folder, else the class-mask set (imagenet-o) or the first
+    set's name, so adding a set later keeps the name, and with it the cached ID extraction.
+    """
+    sets = test_sets(opts)
+    if opts.ood_dir:
+        ood = Path(opts.ood_dir).resolve().name
+    else:
+        shaped = [s for s in sets if is_imagenet_shaped(s.path)] if opts.protocol == "imagenet-o" else []
+        ood = (shaped or sets)[0].name
+    name = f"{Path(opts.id_dir).resolve().name}-vs-{ood}-{opts.protocol}"
+    if None in opts.ood_subsets:
+        name += f"-{opts.ood_subsets[None]}"
     if opts.ood_list:
         name += f"-{opts.ood_list_mode}-{Path(opts.ood_list).stem}"
     if opts.limit:
@@ -90,10 +112,12 @@ def run_study(
 
     started = time.time()
     say = progress or (lambda msg, frac: None)
-    spec = build_protocol(
+    spec, sets, tune = resolve_study(
         opts.id_dir,
-        opts.ood_dir,
+        test_sets(opts),
         opts.protocol,
+        tune=opts.tune_ood,
+        subsets=opts.ood_subsets,
         ood_list=opts.ood_list,
         ood_list_mode=opts.ood_list_mode,
         limit=opts.limit,
@@ -164,10 +188,20 @@ def run_study(
         id_name, id_info = None, {"skipped": _summary(folder / partitioned[0])["skipped"]}  # already split: reuse
     else:
         id_name, id_key, id_info = extract("id", spec.id_root, spec.id_files, spec.id_labels, 0.1)
-    ood_name, ood_key, info["ood"] = extract(
-        "ood", spec.ood_root, spec.ood_files, np.full(len(spec.ood_files), -1, np.int64), 0.5
-    )
-    files["ood"] = ood_name
+    # each OOD set (and the tuning set) is its own artifact, keyed on its own files: adding a set extracts only it
+    ood_parts = []  # (files key, artifact key, entries, root, info)
+    for i, oset in enumerate(sets):
+        fkey = "ood" if i == 0 else f"ood+{oset.name}"
+        name, key, part = extract("ood", oset.root, oset.files, ood_labels(len(oset.files)), 0.5)
+        files[fkey] = name
+        ood_parts.append((fkey, key, oset.files, oset.root, part))
+    if tune is not None:
+        name, key, part = extract("tune", tune.root, tune.files, ood_labels(len(tune.files)), 0.6)
+        files["tune"] = name
+        ood_parts.append(("tune", key, tune.files, tune.root, part))
+    info["ood"] = {"n": sum(p[4]["n"] for p in ood_parts if p[0] != "tune"), "skipped": []}
+    for fkey, _, _, _, part in ood_parts:
+        info["ood"]["skipped"] += [{**s, "set": fkey} for s in part["skipped"]]
     official = f"every ID image of the protocol's {spec.num_classes} classes is evaluated (the official ID set)"
     if opts.fit_dir:
         fit_spec = build_fit_entries(opts.fit_dir, spec.class_wnids)
@@ -198,16 +232,18 @@ def run_study(
             f"(no --fit-dir and no train/ beside the ID images)"
         )
     if opts.odin_grid:
-        for split, key, entries in (("id", id_key, spec.id_files), ("ood", ood_key, spec.ood_files)):
-            index = info[split]["index"]
+        grid_jobs = [("id", id_key, spec.id_files, spec.id_root, info["id"])]
+        grid_jobs += [(fkey, key, entries, root_dir, part) for fkey, key, entries, root_dir, part in ood_parts]
+        for split, key, entries, root_dir, part in grid_jobs:
+            index = part["index"]
             okey = cache.key_of(
                 {"of": key, "rows": cache.key_of(index.tolist()), "temps": list(opts.temps), "eps": list(opts.eps)}
             )
-            target = folder / f"odin_{split}-{okey}.npz"
+            prefix = "odin_tune" if split == "tune" else "odin_id" if split == "id" else "odin_ood"
+            target = folder / f"{prefix}-{okey}.npz"
             if not target.is_file():
-                say(f"{opts.label}{opts.arch}: ODIN grid on {split}", 0.9)
-                parts = folder / "parts" / f"odin_{split}-{okey}-c{opts.chunk_size}"
-                root_dir = spec.id_root if split == "id" else spec.ood_root
+                say(f"{opts.label}{opts.arch}: ODIN grid on {split.split('+')[-1]}", 0.9)
+                parts = folder / "parts" / f"{prefix}-{okey}-c{opts.chunk_size}"
                 dataset = ImageFileDataset.for_model(
                     root_dir, [entries[i] for i in index], bundle.transform, (c, h, w), draft=opts.draft
                 )
@@ -225,7 +261,7 @@ def run_study(
                     desc=f"{opts.label}{opts.arch} {split} ODIN",
                     progress=None
                     if progress is None
-                    else lambda d, n, split=split: say(f"ODIN grid on {split} ({d}/{n})", 0.9),
+                    else lambda d, n, split=split: say(f"ODIN grid on {split.split('+')[-1]} ({d}/{n})", 0.9),
                     dist=dist,
                     chunk_size=opts.chunk_size,
                 )
@@ -266,6 +302,12 @@ def run_study(
             "preprocess": bundle.preprocess,
             "id_root": str(spec.id_root),
             "ood_root": str(spec.ood_root),
+            "ood_sets": [
+                {**oset.to_json(), "files_key": fkey, "n": part["n"]}
+                for oset, (fkey, _, _, _, part) in zip(sets, ood_parts)
+            ],
+            "tune_set": None if tune is None else {**tune.to_json(), "files_key": "tune", "n": ood_parts[-1][4]["n"]},
+            "ood_subsets": {k or "*": v for k, v in opts.ood_subsets.items()},
             "protocol_spec": {k: v for k, v in spec.to_json().items() if k != "class_wnids"},
             "limit": opts.limit,
             "ood_list": opts.ood_list,

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from oodcore.store.atomic import load_npz, read_json, write_json, write_npz
-from oodcore.store.rundata import BenchmarkData, OdinGrid, SplitArrays, TrainedScores
+from oodcore.store.rundata import BenchmarkData, OdinGrid, OodSet, SplitArrays, TrainedScores
 
 FORMAT_VERSION = 1
 RUN_FILE = "run.json"
@@ -103,6 +103,25 @@ def _split_arrays(arrays: dict[str, np.ndarray], with_features: bool) -> SplitAr
     )
 
 
+def ood_set_entries(run: dict) -> list[dict]:
+    """The run's OOD test sets as run.json lists them; a run from before OOD sets has one, named after its folder."""
+    sets = run.get("ood_sets")
+    if sets:
+        return sets
+    name = Path(run.get("ood_root") or "ood").name or "ood"
+    return [{"name": name, "group": None, "files_key": "ood", "n": run.get("n_ood")}]
+
+
+def concat_splits(parts: list[SplitArrays]) -> SplitArrays:
+    with_features = all(p.features is not None for p in parts)
+    return SplitArrays(
+        logits=np.concatenate([p.logits for p in parts]),
+        features=np.concatenate([p.features for p in parts]) if with_features else None,
+        labels=np.concatenate([p.labels for p in parts]),
+        paths=np.concatenate([np.asarray(p.paths, dtype=str) for p in parts]),
+    )
+
+
 def load_benchmark(root: Path, benchmark: str, arch: str, *, features: bool = True) -> BenchmarkData:
     """Load a published run into memory (pickle-free)."""
     folder = arch_dir(root, benchmark, arch)
@@ -124,14 +143,27 @@ def load_benchmark(root: Path, benchmark: str, arch: str, *, features: bool = Tr
         ood=_split_arrays(load("ood"), features),
         meta=run,
     )
+    sets = ood_set_entries(run)
+    parts = [data.ood] + [_split_arrays(load(s["files_key"]), features) for s in sets[1:]]
+    if len(parts) > 1:  # several OOD test sets: `ood` is their rows in order (oodcore.store.scopes)
+        data.ood = concat_splits(parts)
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    data.ood_sets = [OodSet(s["name"], s.get("group"), int(a), int(b)) for s, a, b in zip(sets, bounds, bounds[1:])]
+    if run.get("tune_set") and "tune" in files:
+        data.tune, data.tune_name = _split_arrays(load("tune"), features), run["tune_set"]["name"]
     if "fit" in files:
         data.fit = _split_arrays(load("fit"), features)
     if "head" in files:
         head = load_npz(folder / files["head"])
         data.head_weight, data.head_bias = head["weight"], head["bias"]
-    if "odin_id" in files and "odin_ood" in files:
-        gid, good = load_npz(folder / files["odin_id"]), load_npz(folder / files["odin_ood"])
-        data.odin = OdinGrid(temps=gid["temps"], eps=gid["eps"], id=gid["scores"], ood=good["scores"])
+    odin_keys = ["odin_" + s["files_key"] for s in sets]
+    if "odin_id" in files and all(k in files for k in odin_keys):
+        gid = load_npz(folder / files["odin_id"])
+        good = np.concatenate([load_npz(folder / files[k])["scores"] for k in odin_keys])
+        tune = (
+            load_npz(folder / files["odin_tune"])["scores"] if data.tune is not None and "odin_tune" in files else None
+        )
+        data.odin = OdinGrid(temps=gid["temps"], eps=gid["eps"], id=gid["scores"], ood=good, tune=tune)
     data.trained = load_trained(folder, run)
     return data
 
@@ -149,7 +181,12 @@ def save_trained(folder: Path, name: str, scores_id: np.ndarray, scores_ood: np.
     run = read_json(folder / RUN_FILE)
     meta_path, npz_path = trained_paths(folder, name)
     write_npz(npz_path, {"id": np.asarray(scores_id, np.float64), "ood": np.asarray(scores_ood, np.float64)})
-    write_json(meta_path, {**meta, "name": name, "run_files": {k: run["files"][k] for k in ("id", "ood")}})
+    write_json(meta_path, {**meta, "name": name, "run_files": _score_inputs(run["files"])})
+
+
+def _score_inputs(files: dict) -> dict:
+    """The artifacts a trained detector's scores depend on: ID, every OOD set, the tuning set."""
+    return {k: v for k, v in files.items() if k in ("id", "tune") or k == "ood" or k.startswith("ood+")}
 
 
 def load_trained(folder: Path, run: dict) -> dict[str, TrainedScores]:
@@ -158,7 +195,7 @@ def load_trained(folder: Path, run: dict) -> dict[str, TrainedScores]:
     for meta_path in sorted((folder / TRAINED_DIR).glob("*.json")):
         try:
             meta = read_json(meta_path)
-            if meta.get("run_files") != {k: run["files"][k] for k in ("id", "ood")}:
+            if meta.get("run_files") != _score_inputs(run["files"]):
                 continue
             scores = load_npz(meta_path.with_suffix(".npz"))
         except (OSError, ValueError, KeyError):
@@ -168,7 +205,18 @@ def load_trained(folder: Path, run: dict) -> dict[str, TrainedScores]:
 
 
 def load_thumbnails(root: Path, benchmark: str, arch: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(packed JPEG bytes, offsets) of a split's thumbnails; see oodcore.store.thumbs.unpack_one."""
+    """(packed JPEG bytes, offsets) of a split's thumbnails; see oodcore.store.thumbs.unpack_one.
+
+    `ood` gives every OOD test set's thumbnails, in the order of the run's `ood` rows."""
     run = read_run(root, benchmark, arch)
-    with np.load(arch_dir(root, benchmark, arch) / run["files"][split], allow_pickle=False) as z:
-        return z["thumb_data"], z["thumb_offsets"]
+    keys = [s["files_key"] for s in ood_set_entries(run)] if split == "ood" else [split]
+    data, offsets, base = [], [], 0
+    for key in keys:
+        with np.load(arch_dir(root, benchmark, arch) / run["files"][key], allow_pickle=False) as z:
+            d, o = z["thumb_data"], z["thumb_offsets"]
+        data.append(d)
+        offsets.append((o if not offsets else o[1:]) + base)
+        base += len(d)
+    if len(keys) == 1:
+        return data[0], offsets[0]
+    return np.concatenate(data), np.concatenate(offsets)
