@@ -15,6 +15,7 @@ from oodcore.evaluation.metrics import (
     METRIC_NAMES,
 )
 from oodcore.explorer import loaders, settings, shell
+from oodcore.store import scopes
 
 sel = shell.page_setup(
     "Leaderboard",
@@ -76,6 +77,19 @@ if len(mine):
     split = report.get("split")
     c[3].caption(f"tuned rows: exposure {split['n_exposure']} / held-out {split['n_heldout']} OOD" if split else "")
 
+scope_note = next((r.get("results_scope") for r in reports if r.get("results_scope")), None)
+if sel.scope != "all" or scope_note:
+    st.info(
+        f"OOD set: **{scopes.scope_label(sel.scope)}**"
+        + (f" — rows are the {scope_note}, without CIs (as OpenOOD reports group means)." if scope_note else ".")
+    )
+per_set = [
+    {"architecture": r["arch"], "OOD set": p["name"], "group": p.get("group") or "", **analysis.set_row(row)}
+    for r in reports
+    for p in r.get("sets", [])
+    for row in p["results"]
+]
+
 st.subheader("Table")
 st.caption(
     settings.CONVENTIONS + " Metrics in percent; brackets hold 95% stratified-bootstrap CIs "
@@ -112,6 +126,11 @@ csv = frame.rename(columns={k: f"{k}_pct" for k in METRIC_NAMES}).to_csv(index=F
 st.download_button(
     "Download CSV", csv, file_name=f"leaderboard-{sel.benchmark}.csv", mime="text/csv", icon=":material/download:"
 )
+
+if per_set:
+    st.subheader("Per OOD set")
+    st.caption("Each set scored on its own (metrics in percent); the table above averages them without weights.")
+    st.dataframe(pd.DataFrame(per_set), hide_index=True)
 
 st.subheader("By architecture")
 st.caption("Bars: point estimates (%); whiskers: 95% bootstrap CIs. ↑ higher is better, ↓ lower is better.")

@@ -22,16 +22,24 @@ if not available:
     st.stop()
 names = list(data.class_names)
 COLUMNS = 8
+NINCO_BADGE = "NINCO: contains an ImageNet object"
+ninco = analysis.ninco_decisions(data.ood.paths)  # per OOD row: NINCO's decision, '' where not annotated
 
 
-def gallery(indices, split: str, captions: list[str], thumbs) -> None:
+def gallery(indices, split: str, captions: list[str], thumbs, badges: list[bool] | None = None) -> None:
     if thumbs is None:
         st.info("This run has no cached thumbnails.")
         return
+    if split == "ood" and data.ood_base is not None:  # a view on some OOD sets: thumbnails are the whole run's
+        indices = [int(data.ood_base[i]) for i in indices]
+    badges = badges or [False] * len(indices)
     for start in range(0, len(indices), COLUMNS):
         cols = st.columns(COLUMNS)
-        for col, i, caption in zip(cols, indices[start : start + COLUMNS], captions[start : start + COLUMNS]):
+        stop = start + COLUMNS
+        for col, i, caption, badge in zip(cols, indices[start:stop], captions[start:stop], badges[start:stop]):
             col.image(widgets.thumbnail(thumbs[0], thumbs[1], i), caption=caption, width="stretch")
+            if badge:
+                col.badge(NINCO_BADGE, icon=":material/warning:", color="orange")
 
 
 def safe_thumbs(split: str):
@@ -123,13 +131,22 @@ def misfires() -> None:
             st.info("No OOD image is predicted as the chosen class(es).")
         else:
             captions = [f"{names[ood_preds[i]]} ({conf_ood[i]:.0%}) · #{rank[i]} · {s_ood[i]:.3g}" for i in shown]
-            gallery([int(ood_rows[i]) for i in shown], "ood", captions, safe_thumbs("ood"))
+            contaminated = [ninco[int(ood_rows[i])] == "i" for i in shown]
+            annotated = sum(bool(ninco[int(ood_rows[i])]) for i in shown)
+            if annotated:
+                st.markdown(
+                    f"**{sum(contaminated)} of these top {len(shown)} misfires contain an ImageNet-1K object** "
+                    f"according to NINCO's annotation of ImageNet-O ({annotated} of the {len(shown)} are annotated; "
+                    "Bitterwolf et al. 2023): for those the detector is arguably right."
+                )
+            gallery([int(ood_rows[i]) for i in shown], "ood", captions, safe_thumbs("ood"), contaminated)
             with st.expander("As a table"):
                 st.dataframe(
                     pd.DataFrame(
                         {
                             "rank": rank[shown],
                             "path": data.ood.paths[ood_rows[shown]],
+                            "NINCO": [ninco[int(ood_rows[i])] for i in shown],
                             "predicted": [names[ood_preds[i]] for i in shown],
                             "confidence (%)": 100 * conf_ood[shown],
                             "score": s_ood[shown],

@@ -157,7 +157,11 @@ except Exception as exc:  # e.g. too few OOD images to split
 a, b, c = st.columns([2, 2, 1])
 with a:
     st.metric(
-        "Tuned on the exposure split → held-out AUROC",
+        (
+            "Tuned on the tuning set → test AUROC"
+            if hv.get("tune_set")
+            else "Tuned on the exposure split → held-out AUROC"
+        ),
         analysis.fmt_pct(hv["honest_heldout_auroc"]),
         border=True,
         help="(T, ε) chosen by AUROC on the OOD exposure split (all ID images), then scored on the held-out split.",

@@ -1,10 +1,12 @@
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import demo_cache_dir, demo_is_built
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the checkout, or $OODCORE_SHARED (a git worktree elsewhere)
+SHARED = Path(os.environ.get("OODCORE_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def pytest_collection_modifyitems(items):

@@ -16,6 +16,7 @@ which is the tuning set OpenOOD uses).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def read_imglist(path: str | os.PathLike) -> list[str]:
 # ---- NINCO's annotation of ImageNet-O (shipped as package data, MIT) ----
 
 
+@functools.lru_cache(maxsize=1)
 def ninco_annotations() -> dict[str, str]:
     """`<wnid>/<file>` -> decision ('o' clean OOD, 'i' contains an ImageNet-1K object, 'u' unclear, 'q')."""
     text = resources.files("oodcore.data").joinpath("ninco", NINCO_CSV).read_text(encoding="utf-8")

@@ -131,3 +131,17 @@ def sample_train(train_root: Path, class_wnids: list[str], per_class: int = FIT_
             entries.append(FileEntry(f"{wnid}/{name}", wnid, int(st.st_size), int(st.st_mtime_ns)))
             labels.append(label)
     return entries, np.asarray(labels, dtype=np.int64)
+
+
+def outlier_source(split) -> str:
+    """Words for where OOD training data came from."""
+    return f"the OOD tuning set {split.name!r}" if split.uses_tune_set else "the OOD exposure split"
+
+
+def outlier_features(data, split) -> np.ndarray:
+    """The OOD rows a training run may learn from: the tuning set's features, or the exposure split's."""
+    if split.uses_tune_set:
+        if data.tune.features is None:
+            raise ValueError("the OOD tuning set has no cached features")
+        return data.tune.features
+    return data.ood.features[split.exposure]

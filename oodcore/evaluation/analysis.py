@@ -191,12 +191,13 @@ def odin_auroc_grid(data: BenchmarkData, split_rows: np.ndarray | None = None):
 
 
 def honest_vs_naive(data: BenchmarkData) -> dict:
-    """ODIN tuned on the OOD exposure split vs tuned on the very images it is scored on (held-out split)."""
-    from oodcore.data.splits import ood_split
+    """ODIN tuned on the OOD exposure split (or the tuning set) vs tuned on the very images it is scored on."""
     from oodcore.evaluation.report import tune_on_exposure
 
     odin = M.get("odin")
-    split = ood_split(len(data.ood))
+    split = data.tuning_split()
+    if split is None or len(split.heldout) == 0 or (not split.uses_tune_set and len(split.exposure) == 0):
+        raise M.MethodUnavailable("too few OOD images in this selection to tune on some and score the others")
     best, exposure_auc = tune_on_exposure(odin, data, split)
     s_id, s_ood = odin.score_id_ood(data, **best)
     honest = compute_metrics(s_id, s_ood[split.heldout])["auroc"]
@@ -209,9 +210,31 @@ def honest_vs_naive(data: BenchmarkData) -> dict:
         "naive_params": {"T": float(top["T"]), "eps": float(top["eps"])},
         "naive_heldout_auroc": float(top["auroc"]),
         "describe": split.describe(),
-        "n_exposure": int(len(split.exposure)),
+        "tune_set": split.name if split.uses_tune_set else None,
+        "n_exposure": int(split.n_tune if split.uses_tune_set else len(split.exposure)),
         "n_heldout": int(len(split.heldout)),
     }
+
+
+def set_row(row: dict) -> dict:
+    """One per-set leaderboard cell group: method (tuned marked), setting, metrics in percent, tuning source."""
+    method = M.REGISTRY.get(row["method"])
+    label = row.get("label") or (method.label if method else row["method"])
+    return {
+        "method": label + (" (tuned)" if row.get("tuned_on") else ""),
+        "setting": params_text(row["params"]) or "—",
+        **{k: round(100 * row[k], 2) for k in METRIC_NAMES},
+        "tuned on": row.get("tuned_on") or "",
+    }
+
+
+def ninco_decisions(paths: Sequence[str]) -> np.ndarray:
+    """NINCO's decision for each OOD path matched by `<wnid>/<file>` ('i' = contains an ImageNet-1K object,
+    'o' clean, 'u'/'q' unclear), '' where the image is not one of the 400 NINCO annotated."""
+    from oodcore.data.oodsets import ninco_annotations, wnid_file_key
+
+    table = ninco_annotations()
+    return np.asarray([table.get(wnid_file_key(str(p)), "") for p in paths], dtype=object)
 
 
 def report_frame(reports: Sequence[dict]):

@@ -182,9 +182,9 @@ def _params_text(params: dict) -> str:
 
 def scores_frame(data: BenchmarkData, names: Iterable[str]):
     """One row per image: path, is_ood, label, pred, ood_set (empty for ID) and one column per method (defaults)."""
-    from oodcore.store.scopes import set_column
-
     import pandas as pd
+
+    from oodcore.store.scopes import set_column
 
     frame = pd.DataFrame(
         {

@@ -45,7 +45,7 @@ def evaluate_sets(
 
 def evaluate_scope(data: BenchmarkData, scope: str, names: Iterable[str] | None = None, **kwargs) -> dict:
     """What a page shows for a scope: one set's report, or a group's / all sets' means with the sets beside them."""
-    if len(data.ood_sets) <= 1 or scope.startswith("set:"):
+    if len(data.ood_sets) <= 1 or (scope or "").startswith("set:"):
         return evaluate_run(scopes.select(data, scope), names, **kwargs)
     chosen = scopes.sets_of(data, scope)
     view = scopes.select(data, scope)
@@ -60,12 +60,22 @@ def evaluate_scope(data: BenchmarkData, scope: str, names: Iterable[str] | None 
     return report
 
 
+def row_key(row: dict) -> tuple:
+    """What matches a row across sets: the method and whether it was tuned (a tuned row's setting may differ)."""
+    return row["method"], bool(row.get("tuned_on"))
+
+
 def mean_rows(per_set: list[dict]) -> list[dict]:
-    """Row-by-row unweighted means of the sets' metrics (rows align: same methods, same order)."""
+    """Unweighted means of the sets' metrics, row by row (method, tuned or not); a row some set lacks (a set too
+    small to tune on) is left out of the mean rather than averaged over fewer sets."""
     if not per_set:
         return []
     out = []
-    for rows in zip(*(p["results"] for p in per_set)):
+    keyed = [{row_key(r): r for r in p["results"]} for p in per_set]
+    for key in [row_key(r) for r in per_set[0]["results"]]:
+        if not all(key in k for k in keyed):
+            continue
+        rows = [k[key] for k in keyed]
         first = rows[0]
         params = [r["params"] for r in rows]
         row = {
@@ -97,9 +107,16 @@ def format_sets_table(report: dict) -> str:
         f"{'method':<34}" + "".join(f"{name[:20]:>21}" for name, _ in cols),
         f"{'':<34}" + "".join(f"{'AUROC / FPR95':>21}" for _ in cols),
     ]
-    for i, row in enumerate(sets[0]["results"]):
+    keyed = [(name, {row_key(r): r for r in rows}) for name, rows in cols]
+    for row in sets[0]["results"]:
         label = row["method"] + (" *" if row["tuned_on"] else "")
-        cells = [f"{100 * r[i]['auroc']:.1f} / {100 * r[i]['fpr95']:.1f}" for _, r in cols]
+        cells = []
+        for _, by_key in keyed:
+            r = by_key.get(row_key(row))
+            cells.append("—" if r is None else f"{100 * r['auroc']:.1f} / {100 * r['fpr95']:.1f}")
         lines.append(f"{label:<34}" + "".join(f"{c:>21}" for c in cells))
-    lines.append("group and overall columns: unweighted means of the sets' metrics (as OpenOOD reports)")
+    lines.append(
+        "group and overall columns: unweighted means of the sets' metrics (as OpenOOD reports); "
+        "— = a set too small to tune on (no mean then)"
+    )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from oodcore.evaluation.analysis import (
 from oodcore.explorer import settings
 from oodcore.share import bundle as shared_bundle
 from oodcore.store import cache as C
+from oodcore.store import scopes
 from oodcore.store.rundata import BenchmarkData
 
 
@@ -47,6 +48,7 @@ class Selection:
     root: Path
     run: dict
     runs: list[dict] = field(default_factory=list)  # every run of this benchmark (all architectures)
+    scope: str = scopes.ALL  # the OOD set or group picked in the sidebar (oodcore.store.scopes)
 
     @property
     def benchmark(self) -> str:
@@ -60,7 +62,7 @@ class Selection:
         """The run's arrays; a run whose files vanished or broke becomes a message, not a traceback."""
         run = run or self.run
         try:
-            return load_data(self.root, run)
+            return load_data(self.root, run, self.scope)
         except (C.CacheMissing, OSError, KeyError, ValueError) as exc:
             st.error(
                 f"Cannot read the cached run {run['benchmark']} · {run['arch']}: {exc}. "
@@ -108,52 +110,86 @@ def _cached(kind: str, **kwargs):
             attach(data, C.arch_dir(Path(root), benchmark, arch), writable=store is C and not readonly())
             return data
 
+        @st.cache_resource(max_entries=32, show_spinner=False)
+        def view(root: str, benchmark: str, arch: str, token: str, scope: str) -> BenchmarkData:
+            data = load(root, benchmark, arch, token)
+            return data if scope == scopes.ALL else _freeze(scopes.select(data, scope))
+
         @st.cache_resource(max_entries=16, show_spinner=False)
         def thumbs(root: str, benchmark: str, arch: str, split: str, token: str):
             return store_of(root).load_thumbnails(Path(root), benchmark, arch, split)
 
         @st.cache_data(max_entries=512, show_spinner=False)
-        def metrics(root: str, benchmark: str, arch: str, token: str, method: str, params: tuple) -> dict:
-            return metrics_for(load(root, benchmark, arch, token), method, dict(params))
+        def metrics(root: str, benchmark: str, arch: str, token: str, scope: str, method: str, params: tuple) -> dict:
+            return metrics_for(view(root, benchmark, arch, token, scope), method, dict(params))
 
         @st.cache_data(max_entries=64, show_spinner=False)
-        def report(root: str, benchmark: str, arch: str, token: str, n_boot: int, registry: str) -> dict:
+        def report(root: str, benchmark: str, arch: str, token: str, scope: str, n_boot: int, registry: str) -> dict:
+            from oodcore.evaluation.report import evaluate_run
+            from oodcore.evaluation.sets import evaluate_scope
             from oodcore.evaluation.stored import stored_report
 
-            if store_of(root) is not C:  # a shared bundle: the report made when it was shared, never written here
-                data = load(root, benchmark, arch, token)
-                stored = data.meta.get("bundle", {}).get("report")
-                if stored and stored.get("n_boot") == n_boot and stored.get("registry") == registry:
-                    return json.loads(json.dumps(stored["report"]))
-                from oodcore.evaluation.stored import full_report
+            single = store_of(root) is not C or len(C.ood_set_entries(C.read_run(Path(root), benchmark, arch))) <= 1
+            if scope == scopes.ALL and single:
+                if store_of(root) is not C:  # a shared bundle: the report made when it was shared, never written here
+                    data = load(root, benchmark, arch, token)
+                    stored = data.meta.get("bundle", {}).get("report")
+                    if stored and stored.get("n_boot") == n_boot and stored.get("registry") == registry:
+                        return json.loads(json.dumps(stored["report"]))
+                    from oodcore.evaluation.stored import full_report
 
-                return full_report(data, n_boot)
-            # the report stored beside the run when it is current (no array is read); otherwise
-            # computed from the run's data and stored for the next reader (unless read-only)
-            return stored_report(
-                Path(root),
-                benchmark,
-                arch,
-                n_boot,
-                load=lambda: load(root, benchmark, arch, token),
-                write=not settings.readonly(),
-            )[0]
-
-        @st.cache_data(max_entries=32, show_spinner=False)
-        def honest(root: str, benchmark: str, arch: str, token: str) -> dict:
-            return honest_vs_naive(load(root, benchmark, arch, token))
-
-        @st.cache_data(max_entries=32, show_spinner=False)
-        def odin_grid(root: str, benchmark: str, arch: str, token: str):
-            return odin_auroc_grid(load(root, benchmark, arch, token))
-
-        @st.cache_data(max_entries=32, show_spinner=False)
-        def confidences(root: str, benchmark: str, arch: str, token: str) -> dict:
+                    return full_report(data, n_boot)
+                # the report stored beside the run when it is current (no array is read); otherwise
+                # computed from the run's data and stored for the next reader (unless read-only)
+                return stored_report(
+                    Path(root),
+                    benchmark,
+                    arch,
+                    n_boot,
+                    load=lambda: load(root, benchmark, arch, token),
+                    write=not settings.readonly(),
+                )[0]
             data = load(root, benchmark, arch, token)
+            scopes.sets_of(data, scope)  # a scope this architecture lacks: a clear error
+            # one method at a time, so a method the cache cannot serve (e.g. an empty fit split)
+            # is listed as unavailable instead of sinking the whole architecture
+            report, rows, unavailable, sets_rows = None, [], [], []
+            for method in M.available_methods(data):
+                try:
+                    part = evaluate_scope(data, scope, [method.name], n_boot=n_boot)
+                except M.MethodUnavailable as exc:
+                    unavailable.append({"method": method.name, "label": method.label, "why": str(exc)})
+                    continue
+                for row in part["results"]:
+                    row["label"], row["trained_on_ood"] = method.label, bool(getattr(method, "trained_on_ood", False))
+                rows += part["results"]
+                for s_part, s_rows in zip(sets_rows, part.get("sets", [])):
+                    s_part["results"] += s_rows["results"]
+                if not sets_rows and part.get("sets"):
+                    sets_rows = [{**p, "results": list(p["results"])} for p in part["sets"]]
+                report = report or part
+            report = report or evaluate_run(scopes.select(data, scope), [], n_boot=n_boot)
+            if sets_rows:
+                report["sets"] = sets_rows
+            report["results"], report["unavailable"] = rows, unavailable
+            return report
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def honest(root: str, benchmark: str, arch: str, token: str, scope: str) -> dict:
+            return honest_vs_naive(view(root, benchmark, arch, token, scope))
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def odin_grid(root: str, benchmark: str, arch: str, token: str, scope: str):
+            return odin_auroc_grid(view(root, benchmark, arch, token, scope))
+
+        @st.cache_data(max_entries=32, show_spinner=False)
+        def confidences(root: str, benchmark: str, arch: str, token: str, scope: str) -> dict:
+            data = view(root, benchmark, arch, token, scope)
             return {"id": softmax_confidence(data.id.logits), "ood": softmax_confidence(data.ood.logits)}
 
         _LOADERS = {
             "load": load,
+            "view": view,
             "thumbs": thumbs,
             "metrics": metrics,
             "report": report,
@@ -167,12 +203,14 @@ def _cached(kind: str, **kwargs):
 _LOADERS: dict[str, Callable] | None = None
 
 
-def _args(root: Path, run: dict) -> dict:
-    return {"root": str(root), "benchmark": run["benchmark"], "arch": run["arch"], "token": run_token(run, root)}
+def _args(root: Path, run: dict, scope: str | None = None) -> dict:
+    args = {"root": str(root), "benchmark": run["benchmark"], "arch": run["arch"], "token": run_token(run, root)}
+    return args if scope is None else {**args, "scope": scope}
 
 
-def load_data(root: Path, run: dict) -> BenchmarkData:
-    return _cached("load", **_args(root, run))
+def load_data(root: Path, run: dict, scope: str = scopes.ALL) -> BenchmarkData:
+    """The run's arrays, restricted to one OOD scope (all sets by default)."""
+    return _cached("view", **_args(root, run, scope))
 
 
 def load_thumbs(root: Path, run: dict, split: str):
@@ -183,7 +221,9 @@ def cached_metrics(sel: Selection, method: str, params: dict | None = None, run:
     """metrics_for, memoised per (run, method, parameters)."""
     registered = M.REGISTRY.get(method)
     resolved = registered.resolve(params) if registered is not None else dict(params or {})
-    return _cached("metrics", method=method, params=tuple(sorted(resolved.items())), **_args(sel.root, run or sel.run))
+    return _cached(
+        "metrics", method=method, params=tuple(sorted(resolved.items())), **_args(sel.root, run or sel.run, sel.scope)
+    )
 
 
 def registry_key() -> str:
@@ -194,19 +234,19 @@ def registry_key() -> str:
 
 
 def cached_report(sel: Selection, run: dict, n_boot: int = 200) -> dict:
-    return _cached("report", n_boot=n_boot, registry=registry_key(), **_args(sel.root, run))
+    return _cached("report", n_boot=n_boot, registry=registry_key(), **_args(sel.root, run, sel.scope))
 
 
 def cached_honest(sel: Selection) -> dict:
-    return _cached("honest", **_args(sel.root, sel.run))
+    return _cached("honest", **_args(sel.root, sel.run, sel.scope))
 
 
 def cached_odin_grid(sel: Selection):
-    return _cached("odin_grid", **_args(sel.root, sel.run))
+    return _cached("odin_grid", **_args(sel.root, sel.run, sel.scope))
 
 
 def cached_confidences(sel: Selection) -> dict:
-    return _cached("confidences", **_args(sel.root, sel.run))
+    return _cached("confidences", **_args(sel.root, sel.run, sel.scope))
 
 
 def cached_runs(root: Path) -> list[dict]:
@@ -218,7 +258,7 @@ def cached_runs(root: Path) -> list[dict]:
 
 def clear_run_caches() -> None:
     """Forget memoised runs, metrics and reports (a training job just published a detector)."""
-    for key in ("load", "metrics", "report"):
+    for key in ("load", "view", "metrics", "report"):
         fn = (_LOADERS or {}).get(key)
         if fn is not None:
             fn.clear()

@@ -12,6 +12,7 @@ import streamlit as st
 
 from oodcore.explorer.loaders import Selection, cached_runs
 from oodcore.explorer.settings import APP_TITLE, CONVENTIONS, readonly
+from oodcore.store import scopes
 from oodcore.store.paths import cache_root
 
 _BUILD_LOCK = threading.Lock()
@@ -115,11 +116,13 @@ def render_sidebar(root: Path, runs: list[dict]) -> Selection:
         "Architecture", archs, key="arch", bind="query-params", help="Every architecture cached for this benchmark."
     )
     run = next(r for r in arch_runs if r["arch"] == arch)
+    scope = ood_scope_picker(run)
     n_classes = len(run.get("class_ids", []))
     grid = "yes" if ("odin_id" in run.get("files", {})) else "no"
     sb.markdown(
         f"**Protocol:** {run.get('protocol', '?')}  \n{n_classes} classes · "
         f"{run.get('n_id', '?')} ID / {run.get('n_ood', '?')} OOD images  \nODIN grid cached: {grid}"
+        + (f"  \nOOD tuning set: {run['tune_set']['name']}" if run.get("tune_set") else "")
     )
     with sb.expander("About this run"):
         model = run.get("model", {})
@@ -133,7 +136,25 @@ def render_sidebar(root: Path, runs: list[dict]) -> Selection:
     sb.caption(CONVENTIONS)
     if readonly():
         sb.caption("Read-only deployment: nothing here writes to disk or starts extraction.")
-    return Selection(root=root, run=run, runs=arch_runs)
+    return Selection(root=root, run=run, runs=arch_runs, scope=scope)
+
+
+def ood_scope_picker(run: dict) -> str:
+    """With several OOD sets: which set, group or all of them the pages show (kept in the URL as ?ood=)."""
+    options = scopes.scopes_of_run(run)
+    if len(options) <= 1:
+        return scopes.ALL
+    drop_stale("ood", options)
+    sizes = {f"set:{s['name']}": s.get("n") for s in run.get("ood_sets", [])}
+    return st.sidebar.selectbox(
+        "OOD set",
+        options,
+        key="ood",
+        bind="query-params",
+        format_func=lambda o: scopes.scope_label(o) + (f" · {sizes[o]} images" if sizes.get(o) else ""),
+        help="Which OOD test set the pages score. A group or 'all' pools its sets' images on the curves, ODIN "
+        "and misfire pages; the leaderboard shows the unweighted mean of the sets' metrics, as OpenOOD reports.",
+    )
 
 
 def app_sidebar() -> Selection | None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from oodcore.store.rundata import BenchmarkData, OdinGrid, OodSet, SplitArrays, TrainedScores
 
-ALL = ""
+ALL = "all"
 
 
 def scopes(data: BenchmarkData) -> list[str]:
@@ -24,8 +24,17 @@ def scopes(data: BenchmarkData) -> list[str]:
     return [ALL, *(f"group:{g}" for g in groups), *(f"set:{s.name}" for s in data.ood_sets)]
 
 
+def scopes_of_run(run: dict) -> list[str]:
+    """`scopes` from a run.json summary (no arrays loaded): what the sidebar offers."""
+    sets = run.get("ood_sets") or []
+    if len(sets) <= 1:
+        return [ALL]
+    groups = list(dict.fromkeys(s.get("group") for s in sets if s.get("group")))
+    return [ALL, *(f"group:{g}" for g in groups), *(f"set:{s['name']}" for s in sets)]
+
+
 def scope_label(scope: str) -> str:
-    if not scope:
+    if not scope or scope == ALL:
         return "all OOD sets"
     kind, _, name = scope.partition(":")
     return f"{name} (group)" if kind == "group" else name
@@ -33,7 +42,7 @@ def scope_label(scope: str) -> str:
 
 def sets_of(data: BenchmarkData, scope: str) -> list[OodSet]:
     """The sets a scope covers; ValueError for a scope the run does not have."""
-    if not scope:
+    if not scope or scope == ALL:
         return list(data.ood_sets)
     kind, _, name = scope.partition(":")
     chosen = [s for s in data.ood_sets if (s.group if kind == "group" else s.name) == name and kind in ("group", "set")]
@@ -54,7 +63,7 @@ def _take(split: SplitArrays, rows: np.ndarray) -> SplitArrays:
 def select(data: BenchmarkData, scope: str) -> BenchmarkData:
     """The run restricted to one scope's OOD rows (the run itself for all sets)."""
     chosen = sets_of(data, scope)
-    if not scope or len(chosen) == len(data.ood_sets):
+    if not scope or scope == ALL or len(chosen) == len(data.ood_sets):
         return data
     rows = np.concatenate([s.rows for s in chosen])
     sets, start = [], 0

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oodcore.data.splits import ood_split
+from oodcore.data.splits import outlier_features, outlier_source
 from oodcore.training.config import TrainConfig, detector_name
 from oodcore.training.files import JobError
 from oodcore.training.tasks import Task, demo_pixels
@@ -79,7 +79,7 @@ class EnergyTask(Task):
 
     def __init__(self, c: TrainConfig, data, root: Path):
         self.c = c
-        split = ood_split(len(data.ood))
+        split = data.tuning_split()
         if data.fit is None or len(data.fit) == 0:
             raise JobError(
                 "energy fine-tuning needs the ID fit split (labelled ID rows never evaluated); "
@@ -93,7 +93,7 @@ class EnergyTask(Task):
             self.m_in, self.m_out = auto_margins(data.fit.logits, c.temperature)
             how = "median / 95th percentile of the untuned fit-split energies"
         self.margin_note = f"m_in = {self.m_in:.3g}, m_out = {self.m_out:.3g} ({how})"
-        n_exp = len(split.exposure)
+        n_exp = split.n_tune if split.uses_tune_set else len(split.exposure)
         labels = np.asarray(data.fit.labels, np.int64)
         keep = np.flatnonzero(labels >= 0)  # fit rows outside the protocol's classes carry no label
         if len(keep) == 0:
@@ -103,6 +103,8 @@ class EnergyTask(Task):
             from oodcore.extraction import demo
 
             pixels = demo_pixels(data)
+            if split.uses_tune_set:
+                raise JobError("pixel training has the demo's digits only; a --tune-ood set needs --input features")
             model = demo.load_demo_model(root).requires_grad_(True)
             self.model = model
             self.x_in = model.normalise(torch.from_numpy(pixels["fit"][keep]))
@@ -123,21 +125,26 @@ class EnergyTask(Task):
             self.model = head
             f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
             self.x_in = f32(data.fit.features[keep])
-            self.x_out = f32(data.ood.features[split.exposure])
+            self.x_out = f32(outlier_features(data, split))
             self.x_id_eval = f32(data.id.features)
             self.x_ood_all = f32(data.ood.features)
             self.forward = head
             what = "head"
         self.name = detector_name(c)
-        self.label = f"Energy FT ({what}, OOD exposure split)"
+        source = outlier_source(split)
+        self.label = f"Energy FT ({what}, {source})"
         self.summary = (
             f"Energy of the {what} fine-tuned with the energy-bounded objective (CE + λ·squared "
             f"hinges on ID/OOD energies; λ = {c.lam:g}, {self.margin_note}, T = {c.temperature:g}); "
-            "outlier exposure = the OOD exposure split, so it is scored on the held-out OOD rows only."
+            + (
+                f"outlier exposure = the separate OOD tuning set {split.name!r}, so it is scored on every test OOD row."
+                if split.uses_tune_set
+                else "outlier exposure = the OOD exposure split, so it is scored on the held-out OOD rows only."
+            )
         )
         self.trained_on = {
             "id": f"the ID fit split ({len(self.x_in)} labelled rows)",
-            "ood": f"the OOD exposure split ({n_exp} rows, seed {split.seed})",
+            "ood": f"{source} ({n_exp} rows{'' if split.uses_tune_set else f', seed {split.seed}'})",
         }
         self.baseline = ("energy", {"T": c.temperature})
         self.baseline_note = "untuned Energy of the same model before fine-tuning"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from oodcore.data.splits import ood_split
+from oodcore.data.splits import outlier_features, outlier_source
 from oodcore.training import flows as F
 from oodcore.training.config import TrainConfig, detector_name
 from oodcore.training.files import JobError
@@ -55,11 +55,13 @@ class FlowTask(Task):
 
     def __init__(self, c: TrainConfig, data, root: Path):
         self.c = c
-        split = ood_split(len(data.ood))
+        split = data.tuning_split()
         if data.fit is None or len(data.fit) == 0:
             raise JobError("a flow is fitted on the ID fit split, which this run lacks; rerun `python -m oodcore run`")
         if c.input == "pixels":
             pixels = demo_pixels(data)
+            if split.uses_tune_set:
+                raise JobError("pixel flows have the demo's digits only; a --tune-ood set needs --input features")
             self.x_in = upscale(pixels["fit"])
             self.x_out = upscale(pixels["ood"][split.exposure])
             self.x_id_eval = upscale(pixels["id"])
@@ -76,7 +78,7 @@ class FlowTask(Task):
                 raise JobError("this run has no cached features; a flow on embeddings needs them")
             f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
             self.x_in = f32(data.fit.features)
-            self.x_out = f32(data.ood.features[split.exposure])
+            self.x_out = f32(outlier_features(data, split))
             self.x_id_eval = f32(data.id.features)
             self.x_ood_all = f32(data.ood.features)
             try:
@@ -88,7 +90,7 @@ class FlowTask(Task):
                 F.feature_flow(c.mask, self.dims, c.layers, c.width, c.bottleneck, c.seed), mean, std, comps
             )
             what = f"embeddings{f', PCA {c.pca}' if c.pca else ''}, {c.mask} mask"
-        ood_text = "+ OOD exposure split" if c.ood_objective else "ID fit split only"
+        ood_text = f"+ {outlier_source(split)}" if c.ood_objective else "ID fit split only"
         self.name = detector_name(c)
         self.label = f"RealNVP flow ({what}, {ood_text})"
         self.paper = PAPERS[c.input]
@@ -102,15 +104,16 @@ class FlowTask(Task):
             f"{c.width}, bottleneck {c.bottleneck}) on {what}; fitted on the ID fit split"
             + (
                 f", with the OOD-aware objective NLL_id + λ·max(0, margin − NLL_ood) (λ = {c.lam:g}, {margin}) "
-                "on the OOD exposure split"
+                f"on {outlier_source(split)}"
                 if c.ood_objective
                 else ""
             )
-            + ". Scored on the held-out OOD rows only."
+            + (". Scored on every test OOD row." if split.uses_tune_set else ". Scored on the held-out OOD rows only.")
         )
         self.trained_on = {"id": f"the ID fit split ({len(self.x_in)} rows)"}
         if c.ood_objective:
-            self.trained_on["ood"] = f"the OOD exposure split ({len(split.exposure)} rows, seed {split.seed})"
+            n_out = split.n_tune if split.uses_tune_set else len(split.exposure)
+            self.trained_on["ood"] = f"{outlier_source(split)} ({n_out} rows)"
 
     def extra_meta(self) -> dict:
         return {"dims": self.dims, "score_units": "bits/dim"}

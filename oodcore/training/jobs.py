@@ -392,7 +392,6 @@ def _publish(root, cfg, run, folder, task, data, status, seconds, stopped_early,
     import torch
 
     from oodcore import detectors as M
-    from oodcore.data.splits import ood_split
     from oodcore.evaluation.metrics import METRIC_NAMES, evaluate
     from oodcore.evaluation.report import evaluate_run
 
@@ -405,14 +404,19 @@ def _publish(root, cfg, run, folder, task, data, status, seconds, stopped_early,
     if n_bad:  # a flow's NLL can overflow on a far-out input: that input is simply very OOD
         s_id = np.nan_to_num(s_id, nan=np.finfo(np.float64).max, posinf=np.finfo(np.float64).max)
         s_ood = np.nan_to_num(s_ood, nan=np.finfo(np.float64).max, posinf=np.finfo(np.float64).max)
-    split = ood_split(len(data.ood))
+    split = data.tuning_split()
     arch_folder = C.arch_dir(root, cfg.benchmark, cfg.arch)
     options = cfg.to_dict()
     split_text = (
         f"trained on {task.trained_on.get('id', 'the ID fit split')}"
         + (f" and {task.trained_on['ood']}" if task.trained_on.get("ood") else "")
-        + f"; scored on the {len(data.id)} ID eval rows and the held-out {len(split.heldout)} OOD rows "
-        f"(OOD split seed {split.seed}, {split.fraction:.0%} exposure)"
+        + (
+            f"; scored on the {len(data.id)} ID eval rows and all {len(split.heldout)} test OOD rows "
+            f"(OOD tuning set {split.name!r})"
+            if split.uses_tune_set
+            else f"; scored on the {len(data.id)} ID eval rows and the held-out {len(split.heldout)} OOD rows "
+            f"(OOD split seed {split.seed}, {split.fraction:.0%} exposure)"
+        )
     )
     meta = {
         "label": task.label,
