@@ -200,22 +200,24 @@ def test_sets_report_group_means_are_unweighted_means_of_the_sets():
 
 
 def test_mean_rows_keep_per_set_settings():
-    rows = lambda p, v: {
-        "results": [
-            {
-                "method": "odin",
-                "params": p,
-                "auroc": v,
-                "aupr_out": v,
-                "aupr_in": v,  # noqa: E731
-                "fpr95": v,
-                "fpr95_in": v,
-                "n_ood_scored": 3,
-                "tuned_on": "x",
-                "note": "n",
-            }
-        ]
-    }
+    def rows(p, v):
+        return {
+            "results": [
+                {
+                    "method": "odin",
+                    "params": p,
+                    "auroc": v,
+                    "aupr_out": v,
+                    "aupr_in": v,
+                    "fpr95": v,
+                    "fpr95_in": v,
+                    "n_ood_scored": 3,
+                    "tuned_on": "x",
+                    "note": "n",
+                }
+            ]
+        }
+
     out = mean_rows([{"name": "a", **rows({"T": 1.0}, 0.5)}, {"name": "b", **rows({"T": 10.0}, 1.0)}])
     assert (
         out[0]["auroc"] == 0.75
@@ -242,3 +244,28 @@ def test_tune_set_moves_odin_tuning_and_every_test_row_is_scored():
     auc = lambda p: compute_metrics(odin.score(tuned, tuned.id, **p), odin.score(tuned, tuned.tune, **p))["auroc"]  # noqa: E731
     assert auc(t1["params"]) == pytest.approx(auc(best))
     assert t1["tune_auroc"] == pytest.approx(auc(t1["params"]))
+
+
+def test_single_set_run_reads_as_before(demo_cache):
+    """A run.json without `ood_sets` (the demo, any older cache) is one set; its report is unchanged."""
+    from oodcore.store import cache
+
+    data = cache.load_benchmark(demo_cache, "demo", "digits_cnn")
+    assert len(data.ood_sets) == 1 and data.ood_sets[0].n == len(data.ood)
+    assert scopes.scopes(data) == ["all"]
+    names = ["msp", "odin"]
+    plain, sets = evaluate_run(data, names, n_boot=0), evaluate_sets(data, names, n_boot=0)
+    assert "sets" not in sets and sets["results"] == plain["results"]
+    assert [r["tuned_on"] for r in plain["results"] if r["tuned_on"]] == ["ood-exposure-0.5-seed0"]
+
+
+def test_export_names_each_rows_set(tmp_path):
+    from oodcore.evaluation.export import export_run
+
+    data = _multi(np.random.default_rng(3))
+    npz, side = export_run(scopes.select(data, "group:far"), tmp_path / "x.npz")
+    with np.load(npz, allow_pickle=False) as z:
+        assert list(z["ood_set_ood"]) == ["b"] * 8 + ["c"] * 6 and z["logits_ood"].shape[0] == 14
+    import json
+
+    assert [s["name"] for s in json.loads(side.read_text())["ood_sets"]] == ["b", "c"]

@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
     p.add_argument("--arch", required=True, help="architecture name, as `list` shows it (e.g. digits_cnn)")
     p.add_argument("--npz", required=True, help="output .npz file")
+    p.add_argument(
+        "--ood",
+        default="all",
+        metavar="SCOPE",
+        help="with several OOD sets: all (default), group:NAME or set:NAME (see `list`)",
+    )
     _add_cache(p)
 
     from oodcore.training.config import add_train_arguments
@@ -430,6 +436,12 @@ def cmd_list(args) -> int:
             f"{r['benchmark']:<40} {r['arch']:<26} {r['protocol']:<18} {r['n_id']:>7} {r['n_ood']:>6} "
             f"{len(r.get('skipped', [])):>7}  {','.join(e.replace('odin_id', 'odin-grid') for e in extras)}"
         )
+        if len(r.get("ood_sets") or []) > 1 or r.get("tune_set"):
+            sets = ", ".join(
+                f"{s['name']}{'/' + s['group'] if s.get('group') else ''} ({s['n']})" for s in r["ood_sets"]
+            )
+            tune = f"; tuning set {r['tune_set']['name']} ({r['tune_set']['n']})" if r.get("tune_set") else ""
+            print(f"{'':<40} OOD sets: {sets}{tune}")
     return 0
 
 
@@ -461,8 +473,10 @@ def cmd_export(args) -> int:
     from oodcore.store.cache import CacheMissing, load_benchmark
 
     root = cache_root(args.cache_dir)
+    from oodcore.store.scopes import select
+
     try:
-        data = _with_fitted_store(load_benchmark(root, args.benchmark, args.arch), root)
+        data = select(_with_fitted_store(load_benchmark(root, args.benchmark, args.arch), root), args.ood)
     except (CacheMissing, ValueError) as exc:
         raise CliError(str(exc)) from None
     npz, side = export_run(data, args.npz)

@@ -28,6 +28,7 @@ import numpy as np
 from oodcore import detectors as M
 from oodcore.store.atomic import write_json, write_npz
 from oodcore.store.rundata import BenchmarkData
+from oodcore.store.scopes import set_column
 
 
 def _fitted_summary(data: BenchmarkData) -> dict:
@@ -62,6 +63,7 @@ def export_run(data: BenchmarkData, npz_path: str | Path) -> tuple[Path, Path]:
         "labels_id": np.asarray(data.id.labels, dtype=np.int64),
         "paths_id": np.asarray(data.id.paths, dtype=str),
         "paths_ood": np.asarray(data.ood.paths, dtype=str),
+        "ood_set_ood": set_column(data),  # each OOD row's set name
     }
     if data.id.features is not None and data.ood.features is not None:
         arrays["features_id"], arrays["features_ood"] = f32(data.id.features), f32(data.ood.features)
@@ -115,6 +117,8 @@ def export_run(data: BenchmarkData, npz_path: str | Path) -> tuple[Path, Path]:
         "class_names": list(data.class_names),
         "n_id": len(data.id),
         "n_ood": len(data.ood),
+        "ood_sets": [{"name": s.name, "group": s.group, "rows": [s.start, s.stop]} for s in data.ood_sets],
+        "tune_set": data.tune_name if data.tune is not None else None,
         "n_fit": 0 if data.fit is None else len(data.fit),
         "n_classes": data.n_classes,
         "feature_dim": None if data.id.features is None else int(data.id.features.shape[1]),
