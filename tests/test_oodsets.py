@@ -269,3 +269,39 @@ def test_export_names_each_rows_set(tmp_path):
     import json
 
     assert [s["name"] for s in json.loads(side.read_text())["ood_sets"]] == ["b", "c"]
+
+
+@pytest.mark.slow
+def test_energy_finetuning_uses_the_tuning_set_and_scores_every_test_row(demo_cache, tmp_path):
+    """A run with a --tune-ood set: outlier exposure comes from it, and every test OOD row is scored."""
+    import json
+    import shutil
+
+    from oodcore.store import cache
+    from oodcore.store.atomic import write_npz
+    from oodcore.training import config as train_config
+    from oodcore.training import jobs
+
+    root = tmp_path / "cache"
+    shutil.copytree(demo_cache, root)
+    folder = cache.arch_dir(root, "demo", "digits_cnn")
+    run = json.loads((folder / "run.json").read_text())
+    with np.load(folder / run["files"]["ood"], allow_pickle=False) as z:
+        rng = np.random.default_rng(0)
+        rows = {k: z[k][:60] for k in ("logits", "features", "labels", "paths")}
+    rows["features"] = rows["features"] + rng.normal(0, 0.1, rows["features"].shape).astype(np.float32)
+    write_npz(folder / "tune-0123456789abcdef.npz", rows)  # a separate "tuning set" for the plumbing
+    run["files"]["tune"] = "tune-0123456789abcdef.npz"
+    run["tune_set"] = {"name": "val", "n": 60, "files_key": "tune"}
+    (folder / "run.json").write_text(json.dumps(run))
+    cfg = train_config.TrainConfig(kind="energy", benchmark="demo", input="features", epochs=1)
+    status = jobs.run_job(root, cfg, n_boot=0)
+    assert status["state"] == "done", status
+    data = cache.load_benchmark(root, "demo", "digits_cnn")
+    trained = data.trained[status["result"]["name"]]
+    assert "tuning set 'val'" in trained.meta["trained_on"]["ood"] and "(60 rows)" in trained.meta["trained_on"]["ood"]
+    row = evaluate_run(data, [status["result"]["name"]], n_boot=0)["results"][0]
+    assert row["tuned_on"] == "tune-set:val" and row["n_ood_scored"] == len(data.ood)
+    assert status["result"]["baseline"]["n_ood_scored"] == len(data.ood)
+    with pytest.raises(Exception, match="tune-ood"):  # the demo's pixels have no tuning set
+        jobs.run_job(root, train_config.TrainConfig(kind="energy", benchmark="demo", epochs=1), n_boot=0)
