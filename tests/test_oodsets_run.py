@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -13,7 +15,8 @@ from oodcore.store import cache
 from tests.oodsets_fixtures import make_study
 
 pytestmark = pytest.mark.slow
-APP = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "app.py")
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
 BENCH = "val-vs-imagenet-o-imagenet-o"
 
 
@@ -155,3 +158,36 @@ def test_misfires_badge_and_leaderboard_per_set(multi, monkeypatch):
     assert not at2.exception
     assert "unweighted mean over 2 OOD sets" in " ".join(i.value for i in at2.info)
     assert any(h.value == "Per OOD set" for h in at2.subheader)
+
+
+def test_odin_grid_per_set_and_on_the_tuning_set(study):
+    """The ODIN grid is cached per set (and for the tuning set) and read back in the run's row order."""
+    from oodcore.data.oodsets import OodSetArg
+    from oodcore.evaluation.report import evaluate_run
+    from oodcore.extraction.runner import RunOptions, run_study
+
+    out, st = study
+    opts = RunOptions(
+        arch="efficientnet_lite0",
+        id_dir=str(st["val"]),
+        ood_dir=str(st["imagenet_o"]),
+        ood_sets=[OodSetArg("textures", str(st["textures"]), "far")],
+        tune_ood=OodSetArg("val", str(st["tune"])),
+        name="grid",
+        workers=0,
+        odin_grid=True,
+        temps=(1.0, 100.0),
+        limit=4,
+        eps=(0.0, 0.002),
+    )
+    run_study(opts, out / "cache")
+    data = cache.load_benchmark(out / "cache", "grid", "efficientnet_lite0")
+    assert data.odin.ood.shape == (len(data.ood), 2, 2) and data.odin.tune.shape == (len(data.tune), 2, 2)
+    # eps = 0 in the grid equals ODIN from the cached logits, row for row, in every set and the tuning set
+    from oodcore import detectors as M
+
+    odin = M.get("odin")
+    for rows, grid in ((data.ood, data.odin.ood), (data.tune, data.odin.tune)):
+        np.testing.assert_allclose(grid[:, 1, 0], odin.score(data, rows, T=100.0, eps=0.0), rtol=1e-4, atol=1e-6)
+    tuned = [r for r in evaluate_run(data, ["odin"], n_boot=0)["results"] if r["tuned_on"]]
+    assert tuned[0]["tuned_on"] == "tune-set:val" and tuned[0]["params"]["eps"] in (0.0, 0.002)

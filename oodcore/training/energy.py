@@ -132,7 +132,7 @@ class EnergyTask(Task):
             what = "head"
         self.name = detector_name(c)
         source = outlier_source(split)
-        self.label = f"Energy FT ({what}, {source})"
+        self.label = f"Energy FT ({what}, {source.removeprefix('the ')})"
         self.summary = (
             f"Energy of the {what} fine-tuned with the energy-bounded objective (CE + λ·squared "
             f"hinges on ID/OOD energies; λ = {c.lam:g}, {self.margin_note}, T = {c.temperature:g}); "

@@ -90,7 +90,7 @@ class FlowTask(Task):
                 F.feature_flow(c.mask, self.dims, c.layers, c.width, c.bottleneck, c.seed), mean, std, comps
             )
             what = f"embeddings{f', PCA {c.pca}' if c.pca else ''}, {c.mask} mask"
-        ood_text = f"+ {outlier_source(split)}" if c.ood_objective else "ID fit split only"
+        ood_text = f"+ {outlier_source(split).removeprefix('the ')}" if c.ood_objective else "ID fit split only"
         self.name = detector_name(c)
         self.label = f"RealNVP flow ({what}, {ood_text})"
         self.paper = PAPERS[c.input]
