@@ -81,6 +81,8 @@ def test_one_run_reports_per_set_and_group(multi, capsys):
     assert report["overall"]["results"][0]["auroc"] == pytest.approx(sum(m["auroc"] for m in msp) / 3)
     frame = pd.read_csv(out / "s.csv", keep_default_na=False)
     assert frame["ood_set"].value_counts().to_dict() == {"imagenet-o": 12, "": 10, "textures": 3, "inat": 3}
+    ood = frame[frame["is_ood"] == 1]
+    assert all(p.startswith(f"{s}/") for p, s in zip(ood["path"], ood["ood_set"]))  # unique across sets
     run = cache.read_run(out / "cache", BENCH, "efficientnet_lite0")
     assert [s["name"] for s in run["ood_sets"]] == ["imagenet-o", "textures", "inat", "extra"]  # after the 2nd run
 

@@ -121,8 +121,9 @@ def fools_every_architecture(sel: Selection, method: M.Method, params: dict, poi
             cols = st.columns(widgets.GALLERY_COLUMNS)
             for col, rec in zip(cols, records[start : start + widgets.GALLERY_COLUMNS]):
                 caption = " · ".join(str(rec[c]) for c in pred_cols)
-                col.image(
-                    widgets.thumbnail(thumbs[0], thumbs[1], row_of[rec["path"]]), caption=caption, width="stretch"
-                )
+                row = row_of[rec["path"]]
+                if data.ood_base is not None:  # a view on some OOD sets: thumbnails are the whole run's
+                    row = int(data.ood_base[row])
+                col.image(widgets.thumbnail(thumbs[0], thumbs[1], row), caption=caption, width="stretch")
     with st.expander("As a table"):
         st.dataframe(frame, hide_index=True)

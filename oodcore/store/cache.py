@@ -146,6 +146,8 @@ def load_benchmark(root: Path, benchmark: str, arch: str, *, features: bool = Tr
     sets = ood_set_entries(run)
     parts = [data.ood] + [_split_arrays(load(s["files_key"]), features) for s in sets[1:]]
     if len(parts) > 1:  # several OOD test sets: `ood` is their rows in order (oodcore.store.scopes)
+        for part, s in zip(parts, sets):  # paths are relative to each set's root: `<set>/<path>` keeps them apart
+            part.paths = np.char.add(f"{s['name']}/", np.asarray(part.paths, dtype=str))
         data.ood = concat_splits(parts)
     bounds = np.cumsum([0] + [len(p) for p in parts])
     data.ood_sets = [OodSet(s["name"], s.get("group"), int(a), int(b)) for s, a, b in zip(sets, bounds, bounds[1:])]
