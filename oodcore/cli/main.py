@@ -26,6 +26,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from oodcore.cli.oodsets_args import add_ood_arguments
     from oodcore.data.protocols import PROTOCOLS
 
     parser = argparse.ArgumentParser(prog="python -m oodcore", description=__doc__)
@@ -53,36 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch-file", default=None, help="file with one architecture name a line (# comments allowed)")
     p.add_argument("--id-dir", required=True, help="ID images: <root>/<wnid>/<img>, or the ImageNet root holding val/")
     p.add_argument("--ood-dir", default=None, help="OOD images, e.g. ImageNet-O as released (<root>/<wnid>/<img>)")
-    p.add_argument(
-        "--ood",
-        action="append",
-        default=[],
-        metavar="NAME=PATH[:GROUP]",
-        help="a named OOD test set (repeatable), ImageNet-O-shaped or flat (<root>/<image>); GROUP e.g. near, far",
-    )
-    p.add_argument(
-        "--openood-root",
-        default=None,
-        metavar="DIR",
-        help="OpenOOD v1.5's data root: adds its ImageNet-1K OOD sets (ssb_hard, ninco -> near; inaturalist, "
-        "textures, openimage_o -> far) selected by benchmark_imglist/imagenet/test_*.txt, and OpenImage-O's val "
-        "list as the tuning set unless --tune-ood is given",
-    )
-    p.add_argument(
-        "--ood-subset",
-        action="append",
-        default=[],
-        metavar="[NAME=]KIND",
-        help="ninco-clean (the 309 ImageNet-O images NINCO judged clean) or ninco-contaminated (the 78 holding an "
-        "ImageNet object); applies to every ImageNet-O-shaped set, or to set NAME",
-    )
-    p.add_argument(
-        "--tune-ood",
-        default=None,
-        metavar="NAME=PATH",
-        help="a separate OOD tuning set: ODIN's (T, eps) and OOD-trained detectors use it and are then scored on "
-        "every full test set; it is never evaluated (default: the test set's exposure split)",
-    )
+    add_ood_arguments(p)
     p.add_argument(
         "--protocol", choices=PROTOCOLS, default="imagenet-o", help="class mask and ID selection (default imagenet-o)"
     )
@@ -393,32 +365,13 @@ def cmd_run(args) -> int:
 
 
 def _ood_sets(args):
-    """(--ood and --openood-root sets, the tuning set, --ood-subset by set name or None for all ImageNet-O-shaped)."""
+    from oodcore.cli.oodsets_args import ood_sets_from_args
     from oodcore.data.folders import DatasetError
-    from oodcore.data.oodsets import OOD_SUBSETS, openood_sets, parse_ood_arg
 
     try:
-        sets = [parse_ood_arg(text) for text in args.ood]
-        tune = parse_ood_arg(args.tune_ood, flag="--tune-ood", allow_group=False) if args.tune_ood else None
-        if args.openood_root:
-            extra, openood_tune, notes = openood_sets(args.openood_root)
-            for note in notes:
-                print(f"note: {note}", file=sys.stderr)
-            sets += extra
-            if tune is None and openood_tune is not None:
-                tune = openood_tune
-                print(f"note: tuning set: OpenOOD's OpenImage-O val list ({tune.imglist})", file=sys.stderr)
+        return ood_sets_from_args(args)
     except DatasetError as exc:
         raise CliError(str(exc)) from None
-    if not sets and not args.ood_dir:
-        raise CliError("give the OOD images: --ood-dir PATH, --ood NAME=PATH[:GROUP] or --openood-root DIR")
-    subsets: dict[str | None, str] = {}
-    for text in args.ood_subset:
-        name, _, kind = text.rpartition("=")
-        if kind not in OOD_SUBSETS:
-            raise CliError(f"--ood-subset {text}: choose {' or '.join(OOD_SUBSETS)} (optionally NAME=KIND)")
-        subsets[name or None] = kind
-    return sets, tune, subsets
 
 
 def cmd_list(args) -> int:
