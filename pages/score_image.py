@@ -19,6 +19,7 @@ sel = shell.page_setup(
     "Score an image",
     "Upload a photo (or pick a bundled example): the model's top-5 classes, every logit-based detector's score, "
     "and where that score falls among a cached run's ID images.",
+    work=True,
 )
 if settings.readonly():
     st.info("Scoring new images is switched off in this read-only deployment.")

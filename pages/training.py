@@ -24,6 +24,7 @@ sel = shell.page_setup(
     "flow (Kirichenko et al. 2020 masks). Detectors that see OOD images use the OOD exposure split only and are "
     "scored on the held-out split, next to an untuned baseline; a finished one joins the Leaderboard, Curves and "
     "Misfires pages.",
+    work=True,
 )
 root, bench, arch = sel.root, sel.benchmark, sel.arch
 READONLY = settings.readonly()
@@ -121,7 +122,7 @@ def live_panel() -> None:
     st.progress(frac, text=message if message.startswith("epoch") else f"{epoch}/{total} epochs · {message}")
     if status.get("stopped_early"):
         st.warning(f"Stopped early: {status['stopped_early']}", icon=":material/warning:")
-    if state == "failed" and status.get("traceback"):
+    if state == "failed" and status.get("traceback") and not READONLY:
         with st.expander("Error details"):
             st.code(status["traceback"])
     chart = loss_chart(folder, status)

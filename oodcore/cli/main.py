@@ -7,11 +7,20 @@ import json
 import sys
 from pathlib import Path
 
+from oodcore.cli.checks import (  # noqa: F401
+    CliError,
+    _check_methods,
+    _check_report_args,
+    _check_writable,
+    _not_trained,
+    _positive,
+    _say,
+    _stderr_progress,
+    add_run_safety_arguments,
+    guard,
+)
+from oodcore.cli.verify import add_verify_parser
 from oodcore.store.paths import cache_root
-
-
-class CliError(Exception):
-    """A user mistake: printed as one clear line, exit status 2."""
 
 
 def _add_cache(p: argparse.ArgumentParser) -> None:
@@ -104,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode JPEGs at least twice the model's resize target at reduced DCT scale (faster; their "
         "logits change slightly, so cached apart)",
     )
+    add_run_safety_arguments(p)
     _add_cache(p)
     _add_report(p)
 
     p = sub.add_parser("list", help="show what is cached")
     _add_cache(p)
+
+    add_verify_parser(sub, _add_cache)
 
     p = sub.add_parser("methods", help="list the registered methods and their parameters")
 
@@ -185,21 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error is one line on stderr and exit status 2 (OODCORE_DEBUG=1 re-raises)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished chunks are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-def _positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise CliError(f"{flag} must be at least 1 (got {value})")
+    return guard(COMMANDS[args.command], args)
 
 
 def _report(data, args, root: Path | None = None) -> int:
@@ -219,6 +220,8 @@ def _report(data, args, root: Path | None = None) -> int:
         names += list(data.trained)
     if args.bootstrap < 0:
         raise CliError("--bootstrap must be >= 0")
+    for damaged in data.meta.get("damaged_trained", []):
+        print(f"warning: not scored: {damaged}", file=sys.stderr)
     if args.methods == "all" and root is not None and len(data.ood_sets) <= 1:
         report = _stored(root, data, args.bootstrap)
         unavailable += [u["method"] for u in report.get("unavailable", [])]
@@ -266,10 +269,12 @@ def cmd_demo(args) -> int:
     from oodcore.extraction import demo
     from oodcore.store import cache
 
+    _check_report_args(args)
     root = cache_root(args.cache_dir)
     if args.rebuild or not demo.is_built(root):
+        _check_writable(root)
         print(f"building the demo benchmark under {root} (once; seconds on a CPU)", file=sys.stderr)
-    demo.build_demo(root, force=args.rebuild, progress=_stderr_progress())
+    demo.build_demo(root, force=args.rebuild, progress=_stderr_progress(), log=_say)
     return _report(_with_fitted_store(cache.load_benchmark(root, demo.BENCHMARK, demo.ARCH), root), args, root)
 
 
@@ -302,6 +307,12 @@ def cmd_run(args) -> int:
         raise CliError(f"--fit-dir {args.fit_dir} is not a folder")
     if args.ood_list and not Path(args.ood_list).is_file():
         raise CliError(f"--ood-list {args.ood_list} is not a file")
+    if args.weights and args.weights != "random" and not Path(args.weights).expanduser().is_file():
+        raise CliError(f"--weights {args.weights} is not a file (or 'random' for random weights)")
+    if args.lock_wait < 0:
+        raise CliError(f"--lock-wait must be >= 0 (got {args.lock_wait})")
+    _check_report_args(args)
+    _check_writable(cache_root(args.cache_dir))
     if args.device == "cuda":
         import torch
 
@@ -339,6 +350,10 @@ def cmd_run(args) -> int:
                 gpu_decode=args.gpu_decode,
                 draft=args.jpeg_draft,
                 label=f"[{i + 1}/{len(archs)}] " if len(archs) > 1 else "",
+                replace=args.replace,
+                lock_wait=args.lock_wait,
+                feature_dtype=args.feature_dtype,
+                log=_say,
             )
             if len(archs) > 1 and dist.is_main:
                 print(f"[{i + 1}/{len(archs)}] {arch}", file=sys.stderr, flush=True)
@@ -375,27 +390,9 @@ def _ood_sets(args):
 
 
 def cmd_list(args) -> int:
-    from oodcore.store.cache import list_runs
+    from oodcore.cli.verify import run_list
 
-    root = cache_root(args.cache_dir)
-    runs = list_runs(root)
-    if not runs:
-        print(f"nothing cached under {root} (try `python -m oodcore demo`)")
-        return 0
-    print(f"{'benchmark':<40} {'arch':<26} {'protocol':<18} {'n_id':>7} {'n_ood':>6} {'skipped':>7}  extras")
-    for r in runs:
-        extras = [x for x in ("odin_id", "fit", "head") if x in r["files"]]
-        print(
-            f"{r['benchmark']:<40} {r['arch']:<26} {r['protocol']:<18} {r['n_id']:>7} {r['n_ood']:>6} "
-            f"{len(r.get('skipped', [])):>7}  {','.join(e.replace('odin_id', 'odin-grid') for e in extras)}"
-        )
-        if len(r.get("ood_sets") or []) > 1 or r.get("tune_set"):
-            sets = ", ".join(
-                f"{s['name']}{'/' + s['group'] if s.get('group') else ''} ({s['n']})" for s in r["ood_sets"]
-            )
-            tune = f"; tuning set {r['tune_set']['name']} ({r['tune_set']['n']})" if r.get("tune_set") else ""
-            print(f"{'':<40} OOD sets: {sets}{tune}")
-    return 0
+    return run_list(args)
 
 
 def cmd_methods(args) -> int:
@@ -428,6 +425,8 @@ def cmd_export(args) -> int:
     root = cache_root(args.cache_dir)
     from oodcore.store.scopes import select
 
+    if Path(args.npz).is_dir():
+        raise CliError(f"--npz {args.npz} is a folder, not a file")
     try:
         data = select(_with_fitted_store(load_benchmark(root, args.benchmark, args.arch), root), args.ood)
     except (CacheMissing, ValueError) as exc:
@@ -435,20 +434,6 @@ def cmd_export(args) -> int:
     npz, side = export_run(data, args.npz)
     print(f"wrote {npz} and {side}")
     return 0
-
-
-def _stderr_progress():
-    state = {"last": None}
-
-    def show(message: str, fraction: float) -> None:
-        line = f"\r{message:<60} {100 * fraction:5.1f}%"
-        if line != state["last"]:
-            print(line, end="", file=sys.stderr, flush=True)
-            state["last"] = line
-        if fraction >= 1:
-            print(file=sys.stderr)
-
-    return show
 
 
 COMMANDS = {
@@ -463,13 +448,22 @@ COMMANDS = {
 
 def cmd_train(args) -> int:
     from oodcore.extraction import demo
+    from oodcore.store import cache
     from oodcore.training.files import JobError
     from oodcore.training.launch import cli_train
 
     root = cache_root(args.cache_dir)
-    if args.benchmark == "demo" and not args.resume and not demo.is_built(root):
-        print(f"building the demo benchmark under {root} first (once; seconds on a CPU)", file=sys.stderr)
-        demo.build_demo(root, progress=_stderr_progress())
+    if args.bootstrap < 0:
+        raise CliError(f"--bootstrap must be >= 0 (got {args.bootstrap})")
+    if args.benchmark == "demo" and not args.resume:
+        if not demo.is_built(root):
+            _check_writable(root)
+            print(f"building the demo benchmark under {root} first (once; seconds on a CPU)", file=sys.stderr)
+        demo.build_demo(root, progress=_stderr_progress(), log=_say)  # recomputes only damaged files
+    elif args.benchmark and args.arch:
+        problems = [e for e in cache.verify_run(root, args.benchmark, args.arch, full=False) if _not_trained(e)]
+        if problems and not isinstance(problems[0], cache.CacheMissing):
+            raise CliError(str(problems[0]))
     try:
         return cli_train(args, root)
     except JobError as exc:
@@ -493,3 +487,12 @@ def cmd_report(args) -> int:
 
 COMMANDS["share"] = cmd_share
 COMMANDS["report"] = cmd_report
+
+
+def cmd_verify(args) -> int:
+    from oodcore.cli.verify import run_verify
+
+    return run_verify(args)
+
+
+COMMANDS["verify"] = cmd_verify

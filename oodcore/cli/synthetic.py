@@ -99,13 +99,15 @@ def write_study(
             arrays = {"logits": logits, "features": feats, "labels": lab.astype(np.int64), "paths": paths[split]}
             if split in thumbs:
                 arrays["thumb_data"], arrays["thumb_offsets"] = thumbs[split]
-            files[split] = C.write_artifact(folder, f"{split}-{key}.npz", arrays)
+            files[split] = C.write_artifact(folder, C.artifact_name(split, key), arrays)
         files["head"] = C.write_artifact(
-            folder, f"head-{key}.npz", {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
+            folder, C.artifact_name("head", key), {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
         )
         for split, logits in (("id", z_id), ("ood", z_ood)):
             files[f"odin_{split}"] = C.write_artifact(
-                folder, f"odin_{split}-{key}.npz", {"temps": TEMPS, "eps": EPS, "scores": _odin(logits, rng)}
+                folder,
+                C.artifact_name(f"odin_{split}", key),
+                {"temps": TEMPS, "eps": EPS, "scores": _odin(logits, rng)},
             )
         C.write_run(
             folder,

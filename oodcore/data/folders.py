@@ -51,6 +51,8 @@ class ScanResult:
     ignored: list[str] = field(default_factory=list)  # relpaths; folders end with "/"
     class_wnids: list[str] = field(default_factory=list)  # every wnid folder, sorted (even empty)
     non_imagenet_wnids: list[str] = field(default_factory=list)  # only with strict_wnids=False
+    # files that could not be listed: {"path": relpath, "error": why} (broken links, loops, unreadable)
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -107,41 +109,58 @@ def scan_image_folder(root: Union[str, os.PathLike], strict_wnids: bool = True) 
     """List the images under ``root`` (resolved with resolve_root), sorted by relpath.
 
     Images may sit in nested folders below a class folder. Symlinked files and folders are
-    followed. Raises DatasetError when no image is found at all.
+    followed, except a symlink to a folder that is the dataset root, one of its ancestors, or a
+    folder already scanned (a loop): that one is listed in ``skipped`` with the reason, as are
+    broken symlinks and unreadable files. Raises DatasetError when no image is found at all.
     """
     root = resolve_root(root)
     entries: list[FileEntry] = []
     ignored: list[str] = []
+    skipped: list[dict] = []
     class_wnids: list[str] = []
-    for top in sorted(os.scandir(root), key=lambda e: e.name):
+    real_root = os.path.realpath(root)
+    visited: set[str] = set()  # real paths of every folder scanned so far, across classes
+    tops = sorted(os.scandir(root), key=lambda e: e.name)
+    class_reals = {os.path.realpath(e.path) for e in tops if is_wnid(e.name) and e.is_dir()}
+    for top in tops:
         name = top.name
         if not top.is_dir():
-            ignored.append(name)
+            if top.is_symlink() and not os.path.exists(top.path):
+                skipped.append({"path": name, "error": f"broken symlink (-> {os.readlink(top.path)})"})
+            else:
+                ignored.append(name)
             continue
         if not is_wnid(name):
             ignored.append(name + "/")
             continue
         class_wnids.append(name)
-        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(top.path, followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen:  # symlink loop
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            loop = _loop_reason(real, real_root, visited)
+            if not loop and dirpath != top.path and real in class_reals:
+                loop = "symlink to another class folder (scanned as its own class)"
+            if loop:  # a symlink back to an ancestor or to a folder already scanned: never followed
+                skipped.append({"path": rel_dir + "/", "error": loop})
                 dirnames[:] = []
                 continue
-            seen.add(real)
-            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            visited.add(real)
             hidden = [d for d in dirnames if d.startswith(".")]
             ignored.extend(f"{rel_dir}/{d}/" for d in hidden)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in filenames:
                 rel = f"{rel_dir}/{fn}"
+                full = os.path.join(dirpath, fn)
+                if os.path.islink(full) and not os.path.exists(full):
+                    skipped.append({"path": rel, "error": f"broken symlink (-> {os.readlink(full)})"})
+                    continue
                 if fn.startswith(".") or not is_image_file(fn):  # ".DS_Store", "._x.jpg" (AppleDouble)
                     ignored.append(rel)
                     continue
                 try:
-                    st = os.stat(os.path.join(dirpath, fn))
-                except OSError:
-                    ignored.append(rel + " (unreadable or broken link)")
+                    st = os.stat(full)
+                except OSError as exc:
+                    skipped.append({"path": rel, "error": f"unreadable ({exc.strerror})"})
                     continue
                 entries.append(FileEntry(rel, name, int(st.st_size), int(st.st_mtime_ns)))
     non_1k = [w for w in class_wnids if not is_imagenet_wnid(w)]
@@ -156,7 +175,17 @@ def scan_image_folder(root: Union[str, os.PathLike], strict_wnids: bool = True) 
         raise DatasetError(f"no images found under {root}{extra}")
     entries.sort(key=lambda e: e.relpath)
     ignored.sort()
-    return ScanResult(root, entries, ignored, class_wnids, non_1k)
+    skipped.sort(key=lambda d: d["path"])
+    return ScanResult(root, entries, ignored, class_wnids, non_1k, skipped)
+
+
+def _loop_reason(real: str, real_root: str, visited: set[str]) -> str | None:
+    """Why the folder at real path `real` must not be scanned (again), or None."""
+    if real in visited:
+        return f"symlink loop: {real} was already scanned"
+    if real == real_root or real_root.startswith(real.rstrip(os.sep) + os.sep):
+        return "symlink loop: it points back to the dataset folder or one above it"
+    return None
 
 
 def fingerprint(entries: Sequence[FileEntry]) -> str:

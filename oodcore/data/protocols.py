@@ -44,6 +44,8 @@ class ProtocolSpec:
     id_labels: np.ndarray  # int64 label index WITHIN the mask, aligned with id_files
     ignored: list[str] = field(default_factory=list)  # non-image files seen (full paths)
     excluded: list[str] = field(default_factory=list)  # OOD relpaths dropped by the ood_list
+    # files the scans could not list (broken symlinks, symlink loops): {"split", "path", "error"}
+    scan_skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings worth showing the user
 
     @property
@@ -217,6 +219,7 @@ def build_protocol(
     ignored += [f"{ood_scan.root.as_posix()}/{r}" for r in ood_scan.ignored]
     if ignored:
         notes.append(f"{len(ignored)} non-image file(s)/folder(s) ignored")
+    scan_skipped = [{"split": "id", **d} for d in id_scan.skipped] + [{"split": "ood", **d} for d in ood_scan.skipped]
 
     all_wnids = imagenet_wnids()
     w2i = wnid_to_index()
@@ -293,4 +296,5 @@ def build_protocol(
         ignored=ignored,
         excluded=excluded,
         notes=notes,
+        scan_skipped=scan_skipped,
     )

@@ -23,6 +23,7 @@ import numpy as np
 from oodcore.detectors.fitting import context_of
 from oodcore.store.atomic import write_npz
 from oodcore.store.cache import key_of
+from oodcore.store.integrity import CacheError, load_arrays
 from oodcore.store.rundata import BenchmarkData
 
 FIT_VERSION = 1
@@ -87,9 +88,8 @@ class StateStore:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):  # damaged: refit (and overwrite)
+            arrays = load_arrays(path)  # the store's one load function: any bad file is one CacheError
+        except (CacheError, OSError):  # damaged: refit (and overwrite)
             return None
         self.loaded.append(method)
         return _unflatten(arrays)

@@ -105,6 +105,9 @@ def evaluate_run(
         "fit_split": data.meta.get("fit_split"),
         "fit_source": data.meta.get("fit_source"),
         "official_id_set": data.meta.get("official_id_set"),
+        "skipped_reasons": [  # the same files with their split and why (unreadable, broken symlink, loop)
+            {"split": s.get("split"), "path": s["path"], "error": s.get("error")} for s in data.meta.get("skipped", [])
+        ],
         "split": None if split is None else _split_json(split),
         "tuning_source": None if split is None else split.describe(),
         "results": rows,

@@ -18,6 +18,7 @@ from oodcore.evaluation.analysis import (
     softmax_confidence,
 )
 from oodcore.explorer import settings
+from oodcore.explorer.settings import readonly
 from oodcore.share import bundle as shared_bundle
 from oodcore.store import cache as C
 from oodcore.store import scopes
@@ -60,15 +61,26 @@ class Selection:
 
     def data(self, run: dict | None = None) -> BenchmarkData:
         """The run's arrays; a run whose files vanished or broke becomes a message, not a traceback."""
-        run = run or self.run
-        try:
-            return load_data(self.root, run, self.scope)
-        except (C.CacheMissing, OSError, KeyError, ValueError) as exc:
-            st.error(
-                f"Cannot read the cached run {run['benchmark']} · {run['arch']}: {exc}. "
-                "Rerun the command that made it (`python -m oodcore list` shows what is cached)."
-            )
-            st.stop()
+        return load_data(self.root, run or self.run, self.scope)
+
+
+def cache_error_text(exc: BaseException, run: dict | None = None) -> str:
+    """What a page says about a damaged or missing run: which run, what broke, the repair command.
+
+    Read-only deployments never show server paths (CacheError.public()).
+    """
+    name = f"{run.get('benchmark', '?')} · {run.get('arch', '?')}" if run else "this run"
+    if isinstance(exc, C.CacheError):
+        detail = exc.public() if readonly() else str(exc)
+    else:  # an OSError or a malformed entry: say what kind, never the path in read-only mode
+        detail = type(exc).__name__ if readonly() else f"{type(exc).__name__}: {exc}"
+        detail += "; repair: python -m oodcore verify --repair"
+    return f"The cached run {name} cannot be read: {detail}"
+
+
+def stop_on_cache_error(exc: BaseException, run: dict | None = None):
+    st.error(cache_error_text(exc, run), icon=":material/broken_image:")
+    st.stop()
 
 
 def _freeze(data: BenchmarkData) -> BenchmarkData:
@@ -93,6 +105,14 @@ def _freeze(data: BenchmarkData) -> BenchmarkData:
 
 
 def _cached(kind: str, **kwargs):
+    """A memoised read; a damaged or vanished run stops the page (or fragment) with a message, not a traceback."""
+    try:
+        return _loaders()[kind](**kwargs)
+    except (C.CacheError, OSError, KeyError) as exc:
+        stop_on_cache_error(exc, {"benchmark": kwargs.get("benchmark"), "arch": kwargs.get("arch")})
+
+
+def _loaders() -> dict[str, Callable]:
     """Build the memoised loaders once (so this module imports without Streamlit)."""
     global _LOADERS
     if _LOADERS is None:
@@ -197,7 +217,7 @@ def _cached(kind: str, **kwargs):
             "odin_grid": odin_grid,
             "confidences": confidences,
         }
-    return _LOADERS[kind](**kwargs)
+    return _LOADERS
 
 
 _LOADERS: dict[str, Callable] | None = None
@@ -249,9 +269,11 @@ def cached_confidences(sel: Selection) -> dict:
     return _cached("confidences", **_args(sel.root, sel.run, sel.scope))
 
 
-def cached_runs(root: Path) -> list[dict]:
+def cached_runs(root: Path, damaged: list | None = None) -> list[dict]:
+    """Usable runs under `root`; runs that cannot be used go to `damaged` (CacheError)."""
     try:
-        return store_of(root).list_runs(root)
+        store = store_of(root)
+        return store.list_runs(root, damaged=damaged) if store is C else store.list_runs(root)
     except (OSError, ValueError):
         return []
 

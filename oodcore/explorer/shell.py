@@ -10,9 +10,10 @@ from typing import Sequence
 
 import streamlit as st
 
-from oodcore.explorer.loaders import Selection, cached_runs
-from oodcore.explorer.settings import APP_TITLE, CONVENTIONS, readonly
+from oodcore.explorer.loaders import Selection, cached_runs, stop_on_cache_error
+from oodcore.explorer.settings import APP_TITLE, CONVENTIONS, MAX_UPLOAD_MB, readonly
 from oodcore.store import scopes
+from oodcore.store.integrity import CacheError
 from oodcore.store.paths import cache_root
 
 _BUILD_LOCK = threading.Lock()
@@ -34,10 +35,22 @@ def _overall(message: str, fraction: float) -> float:
 
 def ensure_runs(root: Path) -> list[dict] | None:
     """The cached runs; with none, build the offline demo (progress shown) or, read-only, explain."""
-    runs = cached_runs(root)
+    damaged: list = []
+    runs = cached_runs(root, damaged)
     if runs:
+        if damaged:
+            st.sidebar.warning(
+                f"{len(damaged)} cached run(s) cannot be read and are hidden:\n\n"
+                + "\n\n".join(f"- {e.public() if readonly() else e}" for e in damaged[:5])
+            )
         return runs
     st.title(APP_TITLE)
+    if readonly() and damaged:
+        st.error(
+            "The cached runs of this deployment cannot be read:\n\n"
+            + "\n\n".join(f"- {e.public()}" for e in damaged[:5])
+        )
+        return None
     if readonly():
         st.info(
             "This read-only deployment has no cached runs yet. Its operator creates one with "
@@ -179,15 +192,33 @@ def entry(sel: Selection):
         _LOCAL.selection = None
 
 
+def apply_server_settings() -> None:
+    """Settings that must hold wherever Streamlit is started (not only from the repository's .streamlit/).
+
+    The upload cap (`server.maxUploadSize`, checked by the server on every upload) and, read-only,
+    `client.showErrorDetails = "none"`: a public visitor never sees a traceback or a server path.
+    """
+    from streamlit import config
+
+    if config.get_option("server.maxUploadSize") != MAX_UPLOAD_MB:
+        config.set_option("server.maxUploadSize", MAX_UPLOAD_MB)
+    if readonly() and config.get_option("client.showErrorDetails") != "none":
+        st.set_option("client.showErrorDetails", "none")
+
+
 def run_app(pages_dir: Path) -> None:
     """What app.py does: page config, navigation over `pages_dir`, first-run check, sidebar, then the chosen page."""
+    apply_server_settings()
     st.set_page_config(page_title=APP_TITLE, page_icon=":material/travel_explore:", layout="wide")
     page = st.navigation(navigation_pages(Path(pages_dir)))
     selection = app_sidebar()
     if selection is None:
         st.stop()
     with entry(selection):
-        page.run()
+        try:
+            page.run()
+        except (CacheError, OSError, KeyError) as exc:  # a run that broke after the sidebar listed it
+            stop_on_cache_error(exc, selection.run)
 
 
 def _main_script() -> Path | None:
@@ -198,8 +229,15 @@ def _main_script() -> Path | None:
     return Path(ctx.main_script_path).resolve() if ctx is not None and ctx.main_script_path else None
 
 
-def page_setup(title: str, blurb: str) -> Selection:
-    """Title and one-line explanation; the sidebar's selection comes from app.py, which runs every page."""
+def page_setup(title: str, blurb: str, *, work: bool = False) -> Selection:
+    """Title and one-line explanation; the sidebar's selection comes from app.py, which runs every page.
+
+    `work`: the page starts computation (scoring, training), so a read-only deployment never shows it.
+    """
+    apply_server_settings()
+    if work and readonly():
+        st.info("This page is not available in a read-only deployment.")
+        st.stop()
     sel = getattr(_LOCAL, "selection", None)
     if sel is None:
         main = _main_script()

@@ -8,6 +8,7 @@ adapter needs `network(x) -> logits`, `logits_and_features(x)`, `head` and `std`
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -107,6 +108,7 @@ def extract_split(
     what: str = "split",
     dist=None,
     chunk_size: int = 1024,
+    feature_dtype: str = "float32",
 ) -> tuple[dict[str, np.ndarray] | None, list[dict]]:
     """Logits (restricted to `class_indices`), features and thumbnails of every readable image.
 
@@ -177,9 +179,12 @@ def extract_split(
     if dist is not None and not dist.is_main:
         return None, []
     t0 = time.perf_counter()
-    result = assemble(chunks, paths, out_path=out_path, row_arrays=row_arrays)
+    result = assemble(chunks, paths, out_path=out_path, row_arrays=row_arrays, feature_dtype=feature_dtype)
     if out_path is not None and len(result[0]["index"]) == 0:
-        Path(out_path).unlink(missing_ok=True)
+        if Path(out_path).is_dir():  # a cache artifact folder (.arrays)
+            shutil.rmtree(out_path, ignore_errors=True)
+        else:
+            Path(out_path).unlink(missing_ok=True)
         skipped = result[1]
         raise ValueError(f"every {what} image was unreadable ({len(paths)} tried): {skipped[:3]} ...")
     clock["write_s"] += time.perf_counter() - t0
@@ -226,6 +231,7 @@ def assemble(
     *,
     out_path: Path | None = None,
     row_arrays: dict[str, np.ndarray] | None = None,
+    feature_dtype: str = "float32",
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """The split's good rows from its chunk files: in memory, or streamed into `out_path` (one chunk at a time)."""
     metas = _chunk_meta(chunks)
@@ -239,11 +245,11 @@ def assemble(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     path_array = np.asarray([str(paths[i]) for i in index], dtype=str)
 
-    def rows(key: str):
+    def rows(key: str, dtype=np.float32):
         def pieces():
             for m in metas:
                 with np.load(m["path"], allow_pickle=False) as z:
-                    yield z[key][m["ok"]].astype(np.float32)
+                    yield z[key][m["ok"]].astype(dtype)
 
         return pieces
 
@@ -254,7 +260,11 @@ def assemble(
 
     members = {
         "logits": (np.float32, (len(index), *metas[0]["dims"]["logits"]), rows("logits")),
-        "features": (np.float32, (len(index), *metas[0]["dims"]["features"]), rows("features")),
+        "features": (
+            np.dtype(feature_dtype),
+            (len(index), *metas[0]["dims"]["features"]),
+            rows("features", np.dtype(feature_dtype)),
+        ),
         "index": (np.int64, index.shape, lambda: [index]),
         "paths": (path_array.dtype, path_array.shape, lambda: [path_array]),
         "thumb_data": (np.uint8, (int(offsets[-1]),), thumb_pieces),

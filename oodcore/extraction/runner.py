@@ -7,7 +7,11 @@ last chunk, and a changed file, model, preprocessing or protocol recomputes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +29,9 @@ from oodcore.data.studysets import ood_labels, resolve_study
 from oodcore.detectors import STUDY_EPSILONS, STUDY_TEMPERATURES
 from oodcore.extraction.distributed import SINGLE, Dist
 from oodcore.extraction.passes import discard_parts
-from oodcore.extraction.stream import open_npz_maps, take_rows, write_npz_stream
-from oodcore.store import cache
+from oodcore.store import cache, locks, thumbs
+from oodcore.store.arrays import ArtifactWriter
+from oodcore.store.integrity import load_arrays
 
 Progress = Callable[[str, float], None]
 
@@ -63,6 +68,32 @@ class RunOptions:
     draft: bool = False
     gpu_decode: bool = False
     notes: list[str] = field(default_factory=list)
+    feature_dtype: str = "float32"  # "float16" halves the features on disk (logits stay float32)
+    replace: bool = False  # reuse a benchmark name that holds runs of other inputs
+    lock_wait: float = 3600.0  # seconds to wait for another run of the same (benchmark, arch)
+    log: Callable[[str], None] | None = None  # one-line notices (default: stderr)
+
+
+class NameInUse(ValueError):
+    """The benchmark name already holds runs of other inputs (refused without --replace)."""
+
+
+def run_inputs(opts: RunOptions) -> dict:
+    """What a benchmark name stands for: the resolved folders, list file, protocol and limit."""
+
+    def resolved(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    return {
+        "id_dir": resolved(opts.id_dir),
+        "ood_dir": resolved(opts.ood_dir),
+        "protocol": opts.protocol,
+        "ood_list": resolved(opts.ood_list),
+        "ood_list_mode": opts.ood_list_mode if opts.ood_list else None,
+        "limit": opts.limit,
+        "fit_dir": resolved(opts.fit_dir),
+        "fit_fraction": None if opts.fit_dir else opts.fit_fraction,
+    }
 
 
 def test_sets(opts: RunOptions) -> list[OodSetArg]:
@@ -90,7 +121,67 @@ def default_name(opts: RunOptions) -> str:
         name += f"-{opts.ood_list_mode}-{Path(opts.ood_list).stem}"
     if opts.limit:
         name += f"-limit{opts.limit}"
-    return cache.safe_name(name)
+    return cache.safe_name(f"{name}-{cache.key_of(run_inputs(opts))[:6]}")
+
+
+def rerun_command(opts: RunOptions, benchmark: str) -> str:
+    """The command that repeats this run (and recomputes only what is missing or damaged)."""
+    inputs, q = run_inputs(opts), shlex.quote
+    argv = ["python -m oodcore run", f"--arch {q(opts.arch)}", f"--id-dir {q(inputs['id_dir'])}"]
+    if inputs["ood_dir"]:
+        argv.append(f"--ood-dir {q(inputs['ood_dir'])}")
+    argv += [f"--protocol {opts.protocol}", f"--name {q(benchmark)}"]
+    if opts.ood_list:
+        argv += [f"--ood-list {q(inputs['ood_list'])}", f"--ood-list-mode {opts.ood_list_mode}"]
+    if opts.limit:
+        argv.append(f"--limit {opts.limit}")
+    if opts.fit_dir:
+        argv.append(f"--fit-dir {q(inputs['fit_dir'])}")
+    elif opts.fit_fraction != FIT_FRACTION:
+        argv.append(f"--fit-fraction {opts.fit_fraction}")
+    if opts.weights:
+        argv.append(f"--weights {q(str(Path(opts.weights).expanduser().resolve()))}")
+    if opts.odin_grid:
+        argv.append("--odin-grid")
+    if opts.feature_dtype != "float32":
+        argv.append(f"--feature-dtype {opts.feature_dtype}")
+    return " ".join(argv)
+
+
+def check_name(root: Path, benchmark: str, opts: RunOptions) -> None:
+    """Refuse (NameInUse) a benchmark name already used for other inputs, unless `opts.replace`."""
+    if opts.replace:
+        return
+    mine = run_inputs(opts)
+    for path in sorted((Path(root) / cache.safe_name(benchmark)).glob(f"*/{cache.RUN_FILE}")):
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged run.json is repaired by the run, not a reason to refuse
+        if not isinstance(theirs, dict):
+            continue
+        recorded = theirs.get("inputs") or {
+            "id_dir": theirs.get("id_root"),
+            "ood_dir": theirs.get("ood_root"),
+            "protocol": theirs.get("protocol"),
+        }
+        if theirs.get("inputs") is not None:
+            different = [k for k, v in recorded.items() if mine.get(k) != v]
+        else:  # older runs recorded the class-folder roots, not the arguments
+            different = [k for k in ("protocol",) if recorded[k] != mine[k]] + [
+                k for k in ("id_dir", "ood_dir") if not _same_root(mine[k], recorded[k])
+            ]
+        if different:
+            shown = ", ".join(f"{k}={recorded.get(k)}" for k in different)
+            raise NameInUse(
+                f"benchmark {benchmark!r} already holds a run of other inputs ({path.parent.name}: {shown}); "
+                "choose another --name, or pass --replace to overwrite it"
+            )
+
+
+def _same_root(given: str, recorded: str | None) -> bool:
+    """Whether a --id-dir/--ood-dir argument is the class-folder root an older run recorded (or holds it as val/)."""
+    return recorded in (given, str(Path(given) / "val"))
 
 
 def run_study(
@@ -106,12 +197,12 @@ def run_study(
     an ImageNet root holding it (every ID image is then evaluated, as the official protocol does),
     else a held-out fraction of the ID images (the evaluated ID set is then smaller than the
     official one, and run.json says so). Under torchrun (`dist`) the ranks share each pass.
-    """
-    from oodcore.extraction.pipeline import extract_split, odin_split
-    from oodcore.models.registry import cache_key, load_model
 
-    started = time.time()
-    say = progress or (lambda msg, frac: None)
+    Holds the (benchmark, arch) run lock throughout: a second run of the same pair waits for it
+    (up to `opts.lock_wait` s), then reuses what it published. Artifacts are reused only when they
+    match the checksums recorded at publish time; a damaged one is said and recomputed (only it).
+    """
+    log = opts.log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec, sets, tune = resolve_study(
         opts.id_dir,
         test_sets(opts),
@@ -123,6 +214,27 @@ def run_study(
         limit=opts.limit,
     )
     benchmark = opts.name or default_name(opts)
+    check_name(root, benchmark, opts)
+    folder = cache.arch_dir(root, benchmark, opts.arch)
+    # under torchrun rank 0 holds the lock for the whole job (the other ranks only extract their chunks)
+    lock = locks.run_lock(folder, f"oodcore run --arch {opts.arch}", wait=opts.lock_wait, say=log)
+    with lock if dist.is_main else contextlib.nullcontext():
+        check_name(root, benchmark, opts)  # again: a run that held the lock may have just published
+        return _run_locked(opts, root, (spec, sets, tune), benchmark, folder, log, progress, stop_after_chunks, dist)
+
+
+def _run_locked(opts, root, study, benchmark, folder, log, progress, stop_after_chunks, dist) -> tuple[str, Path]:
+    spec, sets, tune = study
+    from oodcore.extraction.pipeline import extract_split, odin_split
+    from oodcore.models.registry import cache_key, load_model
+
+    started = time.time()
+    say = progress or (lambda msg, frac: None)
+    previous = cache.previous_run(folder)
+
+    def reusable(name: str) -> bool:
+        return cache.artifact_ok(folder, name, previous, say=log)
+
     say(f"loading {opts.arch}", 0.0)
     bundle = load_model(opts.arch, device=opts.device, weights=opts.weights)
     channels_last = opts.channels_last  # measured faster on CPU too (bench), and on CUDA with AMP
@@ -131,7 +243,6 @@ def run_study(
     threads = opts.threads
     if threads is None and opts.device == "cpu" and opts.workers > 0:
         threads = max(1, (os.cpu_count() or 1) - opts.workers)  # the cores the decoding workers leave
-    folder = cache.arch_dir(root, benchmark, opts.arch)
     base = {"model": cache_key(bundle), "protocol": spec.name, "classes": list(spec.class_wnids)}
     gpu_decode = opts.gpu_decode and opts.device.startswith("cuda") and torch.cuda.is_available()
     if opts.draft or gpu_decode:  # other pixels than a full PIL decode: never mixed with those in one cache entry
@@ -139,13 +250,16 @@ def run_study(
     c, h, w = bundle.input_size
 
     def split_key(split: str, split_root: Path, entries: list) -> str:
-        return cache.key_of({**base, "split": split, "root": str(split_root), "files": fingerprint(entries)})
+        what = {**base, "split": split, "root": str(split_root), "files": fingerprint(entries)}
+        if opts.feature_dtype != "float32":  # float32 keys stay as they were
+            what["feature_dtype"] = opts.feature_dtype
+        return cache.key_of(what)
 
     def extract(split: str, split_root: Path, entries: list, labels: np.ndarray, step: float) -> tuple[str, str, dict]:
         """The split's artifact (cached or computed now): (filename, key, its arrays' index/labels/skipped)."""
         key = split_key(split, split_root, entries)
-        target = folder / f"{split}-{key}.npz"
-        if not target.is_file():
+        target = folder / cache.artifact_name(split, key)
+        if not reusable(target.name):
             parts = folder / "parts" / f"{split}-{key}-c{opts.chunk_size}"
             dataset = ImageFileDataset.for_model(
                 split_root, entries, bundle.transform, (c, h, w), draft=opts.draft, gpu_decode=gpu_decode
@@ -172,6 +286,7 @@ def run_study(
                 what=split,
                 dist=dist,  # under torchrun each rank extracts its chunks; rank 0 writes the artifact
                 chunk_size=opts.chunk_size,
+                feature_dtype=opts.feature_dtype,
             )
             if dist.is_main:
                 discard_parts(parts)
@@ -184,7 +299,7 @@ def run_study(
     train_root = None if opts.fit_dir else find_train_root(opts.id_dir, spec.id_root)
     holdout = not opts.fit_dir and train_root is None
     partitioned = _partition_names(id_key, opts.fit_fraction) if holdout else None
-    if partitioned and all((folder / n).is_file() for n in partitioned):
+    if partitioned and all(reusable(n) for n in partitioned):
         id_name, id_info = None, {"skipped": _summary(folder / partitioned[0])["skipped"]}  # already split: reuse
     else:
         id_name, id_key, id_info = extract("id", spec.id_root, spec.id_files, spec.id_labels, 0.1)
@@ -222,9 +337,11 @@ def run_study(
         )
     else:
         if dist.is_main:
-            _partition_id(folder, id_name, id_key, opts.fit_fraction)
+            _partition_id(folder, id_name, id_key, opts.fit_fraction, reusable)
         dist.barrier()
-        files["id"], files["fit"], info["id"], info["fit"] = _partition_id(folder, id_name, id_key, opts.fit_fraction)
+        files["id"], files["fit"], info["id"], info["fit"] = _partition_id(
+            folder, id_name, id_key, opts.fit_fraction, reusable
+        )
         fit_source = {"kind": "id-holdout", "fraction": opts.fit_fraction, "seed": SPLIT_SEED}
         fit_note = (
             f"fit split: {info['fit']['n']} ID images ({opts.fit_fraction:.0%} per class, seed {SPLIT_SEED}), "
@@ -240,8 +357,8 @@ def run_study(
                 {"of": key, "rows": cache.key_of(index.tolist()), "temps": list(opts.temps), "eps": list(opts.eps)}
             )
             prefix = "odin_tune" if split == "tune" else "odin_id" if split == "id" else "odin_ood"
-            target = folder / f"{prefix}-{okey}.npz"
-            if not target.is_file():
+            target = folder / cache.artifact_name(prefix, okey)
+            if not reusable(target.name):
                 say(f"{opts.label}{opts.arch}: ODIN grid on {split.split('+')[-1]}", 0.9)
                 parts = folder / "parts" / f"{prefix}-{okey}-c{opts.chunk_size}"
                 dataset = ImageFileDataset.for_model(
@@ -274,14 +391,15 @@ def run_study(
                     discard_parts(parts)
                 dist.barrier()
             files[f"odin_{split}"] = target.name
-    files["head"] = f"head-{cache.key_of({**base, 'head': True})}.npz"
+    files["head"] = cache.artifact_name("head", cache.key_of({**base, "head": True}))
     if not dist.is_main:  # rank 0 writes the head and publishes run.json
         return benchmark, folder
-    if not (folder / files["head"]).is_file():
+    if not reusable(files["head"]):
         weight = bundle.head.weight.detach().float().cpu().numpy()[spec.class_indices]
         bias = bundle.head.bias.detach().float().cpu().numpy()[spec.class_indices]
         cache.write_artifact(folder, files["head"], {"weight": weight, "bias": bias})
     skipped = [{"split": split, **s} for split in ("id", "ood", "fit") for s in info.get(split, {}).get("skipped", [])]
+    skipped += spec.scan_skipped  # broken symlinks and symlink loops, found while listing the folders
     cache.write_run(
         folder,
         {
@@ -316,6 +434,8 @@ def run_study(
             "n_ignored_files": len(spec.ignored),
             "notes": spec.notes,
             "seconds": round(time.time() - started, 2),
+            "inputs": run_inputs(opts),
+            "rerun": rerun_command(opts, benchmark),
         },
     )
     discard_parts(folder / "parts")
@@ -324,58 +444,47 @@ def run_study(
 
 
 def _summary(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        skipped = (
-            [{"path": str(p), "error": str(e)} for p, e in zip(z["skipped_paths"], z["skipped_errors"])]
-            if "skipped_paths" in z.files
-            else []
-        )
-        return {"n": int(len(z["labels"])), "index": z["index"], "skipped": skipped}
+    z = load_arrays(path, ("labels", "index", "skipped_paths", "skipped_errors"), required=("labels", "index"))
+    skipped = (
+        [{"path": str(p), "error": str(e)} for p, e in zip(z["skipped_paths"], z["skipped_errors"])]
+        if "skipped_paths" in z
+        else []
+    )
+    return {"n": int(len(z["labels"])), "index": z["index"], "skipped": skipped}
 
 
 def _partition_names(id_key: str, fraction: float) -> tuple[str, str]:
     key = cache.key_of({"of": id_key, "fit_fraction": fraction, "seed": SPLIT_SEED})
-    return f"id-{key}.npz", f"fit-{key}.npz"
+    return cache.artifact_name("id", key), cache.artifact_name("fit", key)
 
 
-def _partition_id(folder: Path, id_name: str | None, id_key: str, fraction: float) -> tuple[str, str, dict, dict]:
+def _partition_id(
+    folder: Path, id_name: str | None, id_key: str, fraction: float, reusable: Callable[[str], bool]
+) -> tuple[str, str, dict, dict]:
     """Split the extracted ID rows into eval (`id`) and `fit` artifacts (stratified, seeded), once.
 
     The eval artifact keeps the extraction's skipped list, so a reused partition still reports it.
     """
     names = _partition_names(id_key, fraction)
-    if not all((folder / n).is_file() for n in names):
-        arrays = open_npz_maps(folder / id_name)  # memory maps: rows are copied a block at a time
+    if not all(reusable(n) for n in names):
+        arrays = load_arrays(folder / id_name)  # memory-mapped: rows are copied chunk by chunk below
         fit_idx, eval_idx = id_fit_split(np.asarray(arrays["labels"]), fraction, SPLIT_SEED)
-        offsets = np.asarray(arrays["thumb_offsets"])
         for name, rows in zip(names, (eval_idx, fit_idx)):
-            part = {
-                k: (v.dtype, (len(rows), *v.shape[1:]), take_rows(v, rows))
-                for k, v in arrays.items()
-                if k in ROW_ARRAYS
-            }
-            if name == names[0]:
-                for k in ("skipped_paths", "skipped_errors"):
-                    part[k] = (arrays[k].dtype, arrays[k].shape, lambda a=arrays[k]: [np.asarray(a)])
-            lengths = offsets[rows + 1] - offsets[rows]
-            new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            part["thumb_data"] = (np.uint8, (int(new_offsets[-1]),), _thumb_pieces(arrays["thumb_data"], offsets, rows))
-            part["thumb_offsets"] = (np.int64, new_offsets.shape, lambda o=new_offsets: [o])
-            write_npz_stream(folder / name, part)
-        del arrays
+            with ArtifactWriter(folder / name) as out:
+                if name == names[0]:
+                    out.append(skipped_paths=arrays["skipped_paths"], skipped_errors=arrays["skipped_errors"])
+                base = 0
+                out.append(thumb_offsets=np.zeros(1, np.int64))
+                for chunk in np.array_split(rows, max(1, -(-len(rows) // PARTITION_CHUNK))):
+                    out.append(**{k: v[chunk] for k, v in arrays.items() if k in ROW_ARRAYS})
+                    data, offsets = thumbs.take(arrays["thumb_data"], arrays["thumb_offsets"], chunk)
+                    out.append(thumb_data=data, thumb_offsets=offsets[1:] + base)
+                    base += int(offsets[-1])
     return names[0], names[1], _summary(folder / names[0]), _summary(folder / names[1])
 
 
 ROW_ARRAYS = ("logits", "features", "index", "paths", "labels")
-
-
-def _thumb_pieces(data: np.ndarray, offsets: np.ndarray, rows: np.ndarray, block: int = 4096):
-    def pieces():
-        for start in range(0, len(rows), block):
-            picked = rows[start : start + block]
-            yield np.concatenate([np.asarray(data[offsets[i] : offsets[i + 1]]) for i in picked])
-
-    return pieces
+PARTITION_CHUNK = 4096  # rows copied at a time when the ID split is partitioned
 
 
 def build_fit_entries(fit_dir: str, class_wnids: list[str]):

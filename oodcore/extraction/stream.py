@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from numpy.lib import format as npformat
 
+from oodcore.store.arrays import SUFFIX, write_members
 from oodcore.store.atomic import atomic_open
 
 # name -> (dtype, shape, a function returning the pieces in row order)
@@ -23,7 +24,14 @@ Member = tuple[np.dtype, tuple[int, ...], Callable[[], Iterable[np.ndarray]]]
 
 
 def write_npz_stream(path: str | Path, members: Mapping[str, Member]) -> None:
-    """Write an uncompressed .npz atomically, each member from its pieces; the pieces must add up to its shape."""
+    """Write an uncompressed .npz atomically, each member from its pieces; the pieces must add up to its shape.
+
+    A `.arrays` path (the cache's format 2) is written as a folder of .npy files through the store's
+    chunk writer instead (oodcore.store.arrays), piece by piece all the same.
+    """
+    if Path(path).suffix == SUFFIX:
+        write_members(path, members)
+        return
     with atomic_open(path, "wb") as fh:
         with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (dtype, shape, pieces) in members.items():

@@ -1,7 +1,9 @@
 """Atomic, pickle-free file writes: a reader never sees half a file.
 
 Everything is written to a temporary file in the target folder and moved into
-place with `os.replace`, which is atomic on POSIX and Windows.
+place with `os.replace`, which is atomic on POSIX and Windows. Temp files left by
+an interrupted write (a killed process) are deleted by the next write into the same
+folder once they are over an hour old (`STALE_TEMP_SECONDS`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
+from oodcore.store.files import STALE_TEMP_SECONDS, _sweep, clean_stale_temps  # noqa: F401  (re-exported)
+
 
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a cache is meant to be shared like any file
     return fd, Path(tmp)
@@ -71,9 +76,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every array of an .npz with pickles refused."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """Read every array of an .npz with pickles refused (a bad file raises integrity.ArtifactDamaged)."""
+    from oodcore.store.integrity import load_arrays
+
+    return load_arrays(path)
 
 
 def _json_default(obj: Any) -> Any:

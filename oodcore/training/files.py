@@ -72,12 +72,23 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+UNVERIFIED_LOCK_SECONDS = 3600  # a lock whose owner cannot be verified expires this long after it was taken
+
+
 def _holder_alive(info: dict) -> bool:
+    """A live pid with the recorded start time; with no start time to compare (a hand-made lock, no /proc),
+    a live pid holds the lock for at most UNVERIFIED_LOCK_SECONDS after `started`."""
     pid = info.get("pid")
     if not pid_alive(pid):
         return False
     recorded, now = info.get("pid_start"), _proc_start(pid)
-    return recorded is None or now is None or recorded == now
+    if recorded is not None and now is not None:
+        return recorded == now
+    try:
+        started = float(info.get("started"))
+    except (TypeError, ValueError):
+        return False
+    return time.time() - started < UNVERIFIED_LOCK_SECONDS
 
 
 def lock_path(root: Path) -> Path:

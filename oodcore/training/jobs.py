@@ -216,7 +216,7 @@ def _resolve_job(root: Path, cfg: TrainConfig) -> tuple[TrainConfig, dict, str]:
     try:
         arch = cfg.arch or _only_arch(root, cfg.benchmark)
         run = C.read_run(root, cfg.benchmark, arch)
-    except C.CacheMissing as exc:
+    except C.CacheError as exc:
         raise JobError(str(exc)) from None
     cfg = resolve(TrainConfig.from_dict({**cfg.to_dict(), "arch": arch}), run)
     return cfg, run, job_id_for(cfg, run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -22,6 +24,7 @@ from oodcore.training.files import (
     JobError,
     busy_message,
     job_dir,
+    pid_alive,
     read_lock,
     read_status,
     write_status,
@@ -122,10 +125,52 @@ def start_job_process(root: Path, cfg: TrainConfig, *, fresh: bool = False) -> s
     JobBusy when a job already runs on this cache; JobError when the options cannot work.
     """
     root = Path(root)
-    holder = read_lock(root)
-    if holder is not None:
-        raise JobBusy(busy_message(holder))
-    cfg, run, job_id = _resolve_job(root, cfg)
+    with _launch_guard(root):  # two clicks (or two sessions) launch one job at most
+        holder = read_lock(root)
+        if holder is not None:
+            raise JobBusy(busy_message(holder))
+        cfg, run, job_id = _resolve_job(root, cfg)
+        starting = _starting_job(root)
+        if starting is not None:
+            if starting == job_id:
+                return job_id  # the same job is already starting: a double click launches it once
+            raise JobBusy(
+                f"another training job ({starting}) is starting on this cache; wait for it or cancel it first"
+            )
+        return _launch(root, cfg, job_id, fresh)
+
+
+@contextlib.contextmanager
+def _launch_guard(root: Path):
+    """An exclusive kernel lock around check-and-launch (released when the process ends, so it never goes stale)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+LAUNCH_LOCK = ".train.launch.lock"
+
+
+def _starting_job(root: Path) -> str | None:
+    """A job launched by a live launcher that has not yet taken the training lock (state still `queued`)."""
+    for launcher in Path(root).glob(f"*/*/jobs/*/{LAUNCHER_FILE}"):
+        status = read_status(launcher.parent) or {}
+        if status.get("state") != "queued":
+            continue
+        try:
+            info = json.loads(launcher.read_text())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(info.get("pid")):
+            return launcher.parent.name
+    return None
+
+
+def _launch(root: Path, cfg: TrainConfig, job_id: str, fresh: bool) -> str:
     folder = job_dir(root, cfg.benchmark, cfg.arch, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CANCEL_FILE).unlink(missing_ok=True)
