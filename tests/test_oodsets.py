@@ -286,9 +286,11 @@ def test_energy_finetuning_uses_the_tuning_set_and_scores_every_test_row(demo_ca
     shutil.copytree(demo_cache, root)
     folder = cache.arch_dir(root, "demo", "digits_cnn")
     run = json.loads((folder / "run.json").read_text())
-    with np.load(folder / run["files"]["ood"], allow_pickle=False) as z:
-        rng = np.random.default_rng(0)
-        rows = {k: z[k][:60] for k in ("logits", "features", "labels", "paths")}
+    from oodcore.store.integrity import load_arrays
+
+    z = load_arrays(folder / run["files"]["ood"])  # the store's one reader (.npy folders, memory-mapped)
+    rng = np.random.default_rng(0)
+    rows = {k: np.asarray(z[k][:60]) for k in ("logits", "features", "labels", "paths")}
     rows["features"] = rows["features"] + rng.normal(0, 0.1, rows["features"].shape).astype(np.float32)
     write_npz(folder / "tune-0123456789abcdef.npz", rows)  # a separate "tuning set" for the plumbing
     run["files"]["tune"] = "tune-0123456789abcdef.npz"

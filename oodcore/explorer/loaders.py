@@ -234,7 +234,8 @@ def load_data(root: Path, run: dict, scope: str = scopes.ALL) -> BenchmarkData:
 
 
 def load_thumbs(root: Path, run: dict, split: str):
-    return _cached("thumbs", split=split, **_args(root, run))
+    """A split's thumbnails; errors reach the caller, which may go on without them (a bundle ships only some)."""
+    return _loaders()["thumbs"](split=split, **_args(root, run))
 
 
 def cached_metrics(sel: Selection, method: str, params: dict | None = None, run: dict | None = None) -> dict:
