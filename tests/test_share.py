@@ -155,7 +155,7 @@ def test_share_folder_is_self_contained_and_light(share_dir):
     assert sorted(p.name for p in (share_dir / "pages").glob("*.py")) == sorted(READONLY_PAGES)
     reqs = (share_dir / "requirements.txt").read_text().lower()
     names = {line.split(">=")[0].strip() for line in reqs.splitlines() if line and not line.startswith("#")}
-    assert names == {"numpy", "pandas", "pyarrow", "pillow", "altair", "streamlit"}
+    assert names == {"numpy", "xxhash", "pandas", "pyarrow", "pillow", "altair", "streamlit"}
     config = (share_dir / ".streamlit" / "config.toml").read_text()
     assert 'showErrorDetails = "none"' in config and "maxUploadSize = 1" in config
     for bad in ("uv.lock", "Pipfile", "environment.yml", "pyproject.toml"):  # would take precedence on Community Cloud

@@ -1,7 +1,7 @@
 """`oodcore share`: a self-contained folder that deploys to Streamlit Community Cloud as is.
 
     <out>/streamlit_app.py        entry script: read-only mode, OODCORE_CACHE = ./bundle, the explorer's shell
-    <out>/requirements.txt        numpy, pandas, pyarrow, pillow, altair, streamlit (no torch/torchvision/timm)
+    <out>/requirements.txt        numpy, xxhash, pandas, pyarrow, pillow, altair, streamlit (no torch/torchvision/timm)
     <out>/.streamlit/config.toml  public read-only settings
     <out>/pages/*.py              the read-only pages (leaderboard, curves, ODIN tuner, misfires), as in the app
     <out>/oodcore/...             the light modules those pages import (copied; no engine code)
@@ -31,7 +31,7 @@ PACKAGE = Path(oodcore.__file__).resolve().parent
 READONLY_PAGES = ("leaderboard.py", "study.py", "curves.py", "odin_tuner.py", "misfires.py")
 ENGINE = ("oodcore.extraction", "oodcore.models", "oodcore.training", "oodcore.cli")
 ENTRY = "streamlit_app.py"
-LIGHT_REQUIREMENTS = ("numpy", "pandas", "pyarrow", "pillow", "altair", "streamlit")
+LIGHT_REQUIREMENTS = ("numpy", "xxhash", "pandas", "pyarrow", "pillow", "altair", "streamlit")
 FORBIDDEN = ("torch", "torchvision", "timm", "sklearn", "scikit-learn")
 
 ENTRY_SCRIPT = '''"""{title}: a read-only share of an oodcore study, made by `oodcore share` ({created}).
@@ -189,7 +189,7 @@ logits), image paths relative to the dataset roots, and JPEG thumbnails. {live} 
 ## Run it
 
 ```bash
-pip install -r requirements.txt      # numpy, pandas, pyarrow, pillow, altair, streamlit: no torch
+pip install -r requirements.txt      # numpy, xxhash, pandas, pyarrow, pillow, altair, streamlit: no torch
 streamlit run {ENTRY}
 ```
 
@@ -230,6 +230,9 @@ def format_size_report(report: dict) -> str:
     )
 
 
+PACKAGE_DATA = ("data/ninco",)  # NINCO's ImageNet-O annotation (MIT licence), read by the misfires page's badges
+
+
 def make_share(
     root: Path,
     benchmark: str,
@@ -260,6 +263,10 @@ def make_share(
         target = out / path.relative_to(PACKAGE.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
+    for data_dir in PACKAGE_DATA:  # package data the copied modules read (with its licence)
+        source = PACKAGE / data_dir
+        if (out / "oodcore" / Path(data_dir).parent).is_dir() and source.is_dir():
+            shutil.copytree(source, out / "oodcore" / data_dir, ignore=shutil.ignore_patterns("__pycache__"))
     (out / "requirements.txt").write_text(requirements_text())
     (out / ".streamlit").mkdir()
     (out / ".streamlit" / "config.toml").write_text(CONFIG_TOML)
