@@ -64,6 +64,7 @@ def add_perturbed_arch(root: Path, new_arch: str = "digits_cnn_b", seed: int = 1
     import numpy as np
 
     from oodcore.store import cache
+    from oodcore.store.arrays import read_arrays
 
     src = cache.arch_dir(root, benchmark, "digits_cnn")
     dst = cache.arch_dir(root, benchmark, new_arch)
@@ -72,8 +73,11 @@ def add_perturbed_arch(root: Path, new_arch: str = "digits_cnn_b", seed: int = 1
     rng = np.random.default_rng(seed)
     for split in ("id", "ood", "fit"):
         name = run["files"][split]
-        with np.load(dst / name, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        if (dst / name).is_dir():  # the memory-mapped .arrays format: copy out of the maps before rewriting
+            arrays = {k: np.array(v) for k, v in read_arrays(dst / name).items()}
+        else:
+            with np.load(dst / name, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
         arrays["logits"] = (arrays["logits"] + rng.normal(0, 1.5, arrays["logits"].shape)).astype(np.float32)
         feats = arrays["features"]
         arrays["features"] = (feats * rng.uniform(0.8, 1.2, feats.shape)).astype(np.float32)

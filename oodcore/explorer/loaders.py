@@ -159,8 +159,12 @@ def _loaders() -> dict[str, Callable]:
                     from oodcore.evaluation.stored import full_report
 
                     return full_report(data, n_boot)
-                # the report stored beside the run when it is current (no array is read); otherwise
-                # computed from the run's data and stored for the next reader (unless read-only)
+                # the report stored beside the run when it is current (no array is read, but the run's
+                # files are verified first, so a damaged run is named here as on every other page);
+                # otherwise computed from the run's data and stored for the next reader (unless read-only)
+                problems = C.verify_run(Path(root), benchmark, arch)
+                if problems:
+                    raise problems[0]
                 return stored_report(
                     Path(root),
                     benchmark,
