@@ -162,7 +162,9 @@ def _loaders() -> dict[str, Callable]:
                 # the report stored beside the run when it is current (no array is read, but the run's
                 # files are verified first, so a damaged run is named here as on every other page);
                 # otherwise computed from the run's data and stored for the next reader (unless read-only)
-                problems = C.verify_run(Path(root), benchmark, arch)
+                problems = C.verify_run(
+                    Path(root), benchmark, arch, full=False
+                )  # size always, checksum once per process
                 if problems:
                     raise problems[0]
                 return stored_report(
