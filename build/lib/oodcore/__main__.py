@@ -1,5 +1,0 @@
-import sys
-
-from oodcore.cli.main import main
-
-sys.exit(main())

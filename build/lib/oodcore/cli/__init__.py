@@ -1,1 +1,0 @@
-"""The command line (`oodcore ...` / `python -m oodcore ...`) and the benchmark."""

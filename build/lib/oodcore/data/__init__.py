@@ -1,1 +1,0 @@
-"""Image folders, image loading, protocols, ImageNet classes and the ID/OOD splits."""

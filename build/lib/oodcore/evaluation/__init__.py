@@ -1,1 +1,0 @@
-"""Metrics, reports and the pure analysis that the explorer's pages show."""

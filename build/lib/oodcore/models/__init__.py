@@ -1,1 +1,0 @@
-"""The model registry: timm, torchvision and offline families, their preprocessing and weights."""

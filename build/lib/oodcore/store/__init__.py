@@ -1,1 +1,0 @@
-"""Everything on disk: atomic writes, the cache layout and keys, run data, thumbnails, export."""

@@ -1,1 +1,0 @@
-"""Training runs: configuration, tasks, job files, the job loop, energy fine-tuning and flows."""
