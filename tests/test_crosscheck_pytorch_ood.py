@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 import pytorch_ood.detector as D  # noqa: E402
 
 from oodcore import detectors as M  # noqa: E402
+from oodcore.detectors import features as MF  # noqa: E402
 from oodcore.detectors.logits import _nll_slope, fitted_temperature  # noqa: E402
 from oodcore.evaluation.metrics import compute_metrics  # noqa: E402
 from oodcore.store import cache  # noqa: E402
@@ -217,7 +218,7 @@ def test_vim_equals_pytorch_ood_formula_in_float64(demo, t):
     ours = np.r_[M.get("vim").score_id_ood(demo)]
     ref = np.r_[predict(t["Fi"]).numpy(), predict(t["Fo"]).numpy()]
     assert np.allclose(ours, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
-    assert M.get("vim").state(demo)["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert MF.vim_alpha(M.get("vim").state(demo), feats.shape[1]) == pytest.approx(alpha, rel=1e-6)
 
 
 def test_gen_equals_pytorch_ood_formula_without_the_clamp(demo, t):

@@ -216,6 +216,7 @@ BENCH_KEYS = {
     "extraction_ratio",
     "odin_ratio",
     "methods_seconds_52k",
+    "methods_seconds_52k_cold",
     "per_method_seconds",
     "slider_seconds_52k",
     "cold_start_seconds",

@@ -10,7 +10,7 @@ import pytest
 
 from oodcore import detectors as M
 from oodcore.detectors import fitting as FIT
-from oodcore.detectors import neighbours as NB
+from oodcore.detectors import search
 from oodcore.evaluation.metrics import compute_metrics
 from oodcore.store import cache
 from oodcore.store.rundata import SplitArrays
@@ -179,11 +179,36 @@ def test_faiss_and_numpy_search_agree(k):
     pytest.importorskip("faiss")
     rng = np.random.default_rng(0)
     bank, q = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
-    a = NB.top_similarities(q, bank, k, use_faiss=True)
-    b = NB.top_similarities(q, bank, k, use_faiss=False)
+    a = search.top_similarities(q, bank, k, use_faiss=True)
+    b = search.top_similarities(q, bank, k, use_faiss=False)
     exact = -np.sort(-(q.astype(np.float64) @ bank.T.astype(np.float64)), axis=1)[:, :k]
     assert a.shape == b.shape == (50, k)
     assert np.allclose(a, exact, atol=1e-5) and np.allclose(b, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_a_bank_searched_block_by_block_equals_one_search(use_faiss, monkeypatch):
+    """An ImageNet-train-sized fit set is searched in blocks (memory bounded by the block): same neighbours."""
+    if use_faiss:
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setattr(search, "faiss_module", lambda: None)
+    rng = np.random.default_rng(1)
+    feats = np.abs(rng.normal(size=(1000, 24))).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 1000).astype(np.float32)
+    q = search.normalised32(np.abs(rng.normal(size=(70, 24))).astype(np.float32))
+    for k in (1, 7, 300):
+        whole = search.Bank(feats, scale).search(q, k)
+        blocks = search.Bank(feats, scale, block_rows=128).search(q, k)  # 8 blocks, merged
+        np.testing.assert_array_equal(blocks[0], whole[0])  # the same similarities, bit for bit
+        # each returned row really has that similarity (rows differ only where similarities tie exactly)
+        bank = search.normalised32(feats) * scale[:, None]
+        np.testing.assert_allclose(np.take_along_axis(q @ bank.T, blocks[1], axis=1), blocks[0], atol=1e-6)
+        assert np.mean(blocks[1] == whole[1]) > 0.99
+        exact = -np.sort(
+            -(q.astype(np.float64) @ (search.normalised32(feats) * scale[:, None]).T.astype(np.float64)), axis=1
+        )
+        np.testing.assert_allclose(whole[0], exact[:, :k], atol=1e-5)
 
 
 def test_new_methods_need_what_they_declare():
@@ -241,12 +266,11 @@ def _old_knn(fit_feats, feats, k):
 
 @pytest.mark.parametrize("use_faiss", [True, False])
 def test_knn_equals_the_previous_exact_numpy_code(demo, monkeypatch, use_faiss):
-    from oodcore.detectors import distance
 
     if use_faiss:
         pytest.importorskip("faiss")
     else:
-        monkeypatch.setattr(distance, "faiss_module", lambda: None)
+        monkeypatch.setattr(search, "faiss_module", lambda: None)
     data = dataclasses.replace(demo, states={})
     fit = np.asarray(data.fit.features, np.float64)
     fit /= np.linalg.norm(fit, axis=1, keepdims=True)
@@ -260,7 +284,8 @@ def test_knn_equals_the_previous_exact_numpy_code(demo, monkeypatch, use_faiss):
             # the previous code selected by float32 similarities: the same up to near-ties (|Δ| < 1e-6)
             assert np.allclose(ours, _old_knn(data.fit.features, split.features, k), rtol=0, atol=1e-6), k
     state = M.get("knn").state(data)
-    assert ("faiss" in state["index"]) == use_faiss
+    index, rows = state["bank"]._single()
+    assert (index is not None) == use_faiss and (rows is None) == use_faiss
     assert len(state["memo"]._store) == 2  # one neighbour table per split, every ladder k a column
 
 

@@ -233,9 +233,16 @@ def test_vim_explicit():
             expected = vlogit + energy(split.features @ w.T + b)
             got = M.get("vim").score(data, split, dim=dim)  # residuals are projected in float32
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-5 * np.abs(expected).max())
-        assert M.get("vim").state(data, dim=dim)["alpha"] == pytest.approx(alpha, rel=1e-5)
+        state = M.get("vim").state(data)  # D' is a scoring parameter: one state, every D' a slice of it
+        assert state["mean_max_logit"] / state["fit_residual"][8 - dim - 1] == pytest.approx(alpha, rel=1e-5)
     assert MF.vim_default_dim(2048) == 1000 and MF.vim_default_dim(768) == 512 and MF.vim_default_dim(64) == 32
-    assert M.get("vim").state(data, dim=0)["dim"] == 4  # auto: D / 2
+    assert MF.resolve_vim_dim(8, 0) == 4 and MF.resolve_vim_dim(8, 50) == 7 and MF.resolve_vim_dim(8, 0.2) == 1
+    # a D' the slider does not offer is computed directly, the same way as a table's column
+    state = M.get("vim").state(data)
+    table = MF._vim_table(state, data.id.features, data.id.logits)
+    assert list(table["dims"]) == [4, 7]  # the slider's values on D = 8: auto (D/2) and the clipped D - 1
+    direct = MF._residual_table(state, data.id.features, [4])[:, 0]
+    assert np.array_equal(table["residual"][:, 0], direct)
 
 
 @pytest.mark.parametrize("shape,rank", [((3, 7), 3), ((7, 3), 3), ((4, 7), 2)])
@@ -388,7 +395,7 @@ def test_fitting_is_memoised_across_slider_moves(demo):
     assert calls["mahalanobis"] == 1 and calls["rel_mahalanobis"] == 1 and calls["temp_scaling"] == 1
     assert calls["kl_matching"] == 1 and calls["she"] == 1 and calls["fit_mean"] == 1
     assert calls["class_gaussian"] == 1  # shared by Mahalanobis and relative Mahalanobis
-    assert calls["vim"] == 3  # one residual basis per distinct D' setting (0, 8, 32); one shared eigh
+    assert calls["vim"] == 1  # D' is a slice of one eigenbasis: no refit per setting
     assert calls["react"] == 2 and calls["dice"] == 2  # one percentile per distinct p
 
 
@@ -398,8 +405,8 @@ def _states(data):
         "kl": M.get("kl_matching").state(data)["log_d"],
         "react": M.get("react").state(data, p=90.0)["clip"],
         "dice": M.get("dice").state(data, p=90.0)["w"],
-        "vim": M.get("vim").state(data)["residual"],
-        "alpha": M.get("vim").state(data)["alpha"],
+        "vim": M.get("vim").state(data)["basis"],
+        "alpha": M.get("vim").state(data)["fit_residual"],
         "she": M.get("she").state(data)["patterns"],
         "md": M.get("mahalanobis").state(data)["L"],
         "rmd": M.get("rel_mahalanobis").state(data)["background"]["L"],

@@ -51,7 +51,10 @@ def test_states_are_fitted_once_per_run_and_read_back_identical(run_copy):
     assert {"mahalanobis", "rel_mahalanobis", "vim", "she", "caref", "fdbd", "nci", "optfs", "temp_scaling"} <= set(
         written
     )
-    assert "knn" not in written and "ash_s" not in written  # they hold the run's arrays / per-split memos
+    assert "knn" not in written  # it holds the run's own fit features
+    tables = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in folder.glob("*.arrays"))
+    for table in ("knn.table", "nnguide.guidance", "vim.table", "shaping.row_table"):
+        assert f"{table}-id" in tables and f"{table}-ood" in tables, (table, tables)
     assert store.saved and not store.loaded
 
     again, store2 = _load(run_copy)  # a new process, in effect
@@ -66,15 +69,28 @@ def test_states_are_fitted_once_per_run_and_read_back_identical(run_copy):
 
 def test_a_fit_parameter_is_its_own_file_and_damage_means_refit(run_copy):
     data, store = _load(run_copy)
-    M.get("vim").score_id_ood(data, dim=8)
-    M.get("vim").score_id_ood(data, dim=16)
-    assert store.path("vim", {"dim": 8.0}) != store.path("vim", {"dim": 16.0})
-    assert store.path("vim", {"dim": 8.0}).is_file() and store.path("vim", {"dim": 16.0}).is_file()
-    store.path("vim", {"dim": 8.0}).write_bytes(b"not an npz")
+    M.get("optfs").score_id_ood(data, bins=50)
+    M.get("optfs").score_id_ood(data, bins=100)
+    assert store.path("optfs", {"bins": 50.0}) != store.path("optfs", {"bins": 100.0})
+    assert store.path("optfs", {"bins": 50.0}).is_file() and store.path("optfs", {"bins": 100.0}).is_file()
+    store.path("optfs", {"bins": 50.0}).write_bytes(b"not an npz")
     again, store2 = _load(run_copy)
-    s = M.get("vim").score_id_ood(again, dim=8)
-    assert "vim" not in store2.loaded and "vim" in store2.saved  # refitted and rewritten
-    assert np.array_equal(np.r_[s], np.r_[M.get("vim").score_id_ood(data, dim=8)])
+    s = M.get("optfs").score_id_ood(again, bins=50)
+    assert "optfs" not in store2.loaded and "optfs" in store2.saved  # refitted and rewritten
+    assert np.array_equal(np.r_[s], np.r_[M.get("optfs").score_id_ood(data, bins=50)])
+
+
+def test_a_damaged_table_is_recomputed_identically(run_copy):
+    data, store = _load(run_copy)
+    first = M.get("knn").score_id_ood(data, k=5)
+    folder = cache.arch_dir(run_copy, "demo", "digits_cnn") / persist.FITTED_DIR
+    (table,) = folder.glob("knn.table-id-*.arrays")
+    (table / "dist.npy").write_bytes(b"garbage")
+    again, store2 = _load(run_copy)
+    second = M.get("knn").score_id_ood(again, k=5)
+    assert "knn.table/id" not in store2.loaded and "knn.table/id" in store2.saved
+    assert "knn.table/ood" in store2.loaded
+    assert np.array_equal(np.r_[first], np.r_[second])
 
 
 def test_the_key_follows_the_run(run_copy):

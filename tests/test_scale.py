@@ -315,6 +315,7 @@ def test_fit_peak_rss_is_measured_in_a_fresh_process(tmp_path):
     out = bench_study.fit_memory(tmp_path, [2000], dim=64, say=lambda m: None)
     for method in bench_study.FIT_METHODS:
         figure = out["2000"][method]
-        assert figure["peak_rss_mb"] >= figure["before_fit_rss_mb"] > 0, figure
+        assert figure["peak_rss_mb"] >= figure["peak_private_mb"] >= figure["private_before_fit_mb"] > 0, figure
+        assert figure["query_rows"] == 1000 and figure["score_seconds"] >= 0, figure
     skipped = bench_study.fit_memory(tmp_path, [10**12], dim=2048, say=lambda m: None)
     assert "not attempted" in skipped[str(10**12)]["skipped"]

@@ -16,15 +16,7 @@ from oodcore.detectors.features import fit_moments, split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import row_chunks, slider_values
 from oodcore.detectors.registry import Param, register
-from oodcore.detectors.search import (
-    QUERY_BATCH,
-    TABLE_K_MAX,
-    RowMemo,
-    faiss_index,
-    faiss_module,
-    normalised32,
-    top_neighbours,
-)
+from oodcore.detectors.search import QUERY_BATCH, Bank, normalised32
 
 RIDGE = 1e-10  # relative to the largest eigenvalue
 
@@ -58,7 +50,14 @@ def class_gaussian(ctx: FitContext) -> dict:
         between = (offsets * (mom["counts"] / mom["n"])[:, None]).T @ offsets
         lw = whitener(mom["sigma0"] - between)
         means_w = offsets @ lw
-        return {"mu0": mom["mu0"], "L": lw, "means_w": means_w, "classes": mom["classes"]}
+        # memo "~class_min": a split's class distances, shared with relative Mahalanobis within the process
+        return {
+            "mu0": mom["mu0"],
+            "L": lw,
+            "means_w": means_w,
+            "classes": mom["classes"],
+            "memo": ctx.row_memo("~class_min"),
+        }
 
     return ctx.shared("class_gaussian", build)
 
@@ -88,7 +87,10 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     for sl in row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], 8):
         y = (np.asarray(features[sl], dtype=np.float32) - mu0) @ lw
         y_sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        md = y_sq[:, None] - 2.0 * (y @ means_t).astype(np.float64) + m_sq[None, :]
+        md = np.asarray(y @ means_t, dtype=np.float64)  # = y_sq - 2 y·m + m_sq, in place, in that order
+        md *= -2.0
+        md += y_sq[:, None]
+        md += m_sq[None, :]
         out[sl] = np.maximum(md.min(axis=1), 0.0)
     return out
 
@@ -118,7 +120,8 @@ def mahalanobis(state, rows):
     covariance (LDA); a feature far from every class mean is OOD.  (Feature-space
     version: no input pre-processing and no layer ensemble.)
     """
-    return _class_min(split_features(rows), state)
+    feats = split_features(rows)
+    return state["memo"].get("class_min", feats, lambda: _class_min(feats, state)).copy()
 
 
 @register(
@@ -136,7 +139,10 @@ def rel_mahalanobis(state, rows):
     which helps near-OOD.
     """
     feats = split_features(rows)
-    return _class_min(feats, state["class"]) - _background_distance(feats, state["background"])
+    cls = state["class"]
+    return cls["memo"].get("class_min", feats, lambda: _class_min(feats, cls)) - _background_distance(
+        feats, state["background"]
+    )
 
 
 # ----------------------------------------------------------------------------- KNN
@@ -150,15 +156,19 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def knn_bank(ctx: FitContext) -> dict:
     """The fit features, 1 / ||f|| of every fit row (float32), and a per-split memo of neighbour tables.
 
-    Keeping only the inverse norms (not a normalised copy of the fit features) saves
-    N_fit x D x 4 bytes (400 MB for 50k x 2048); a faiss index (which holds its own normalised
-    copy) is built on the first search.
+    The search bank (`search.Bank`) normalises the fit rows when first searched: once, into one faiss
+    index, when they fit in one block; block by block otherwise, so memory stays bounded at any fit size.
     """
     fit = ctx.require_fit(features=True)
     inv = np.empty(len(fit.features), dtype=np.float64)
     for sl in row_chunks(len(inv), fit.features.shape[1]):
         inv[sl] = 1.0 / np.maximum(np.linalg.norm(np.asarray(fit.features[sl], dtype=np.float64), axis=1), 1e-12)
-    return {"features": fit.features, "inv_norm": inv.astype(np.float32), "memo": RowMemo(), "index": {}}
+    return {
+        "features": fit.features,
+        "inv_norm": inv.astype(np.float32),
+        "memo": ctx.row_memo("knn"),
+        "bank": Bank(fit.features),
+    }
 
 
 KNN_K = Param(
@@ -175,28 +185,10 @@ KNN_K = Param(
 def _knn_search(state: dict, q: np.ndarray, k: int) -> np.ndarray:
     """(N, k) int64: the fit rows of each normalised query's k nearest normalised fit features, nearest first.
 
-    faiss (exact flat inner-product index over the normalised fit rows, built once per state) when
-    installed, else numpy: one float32 product per chunk (the fit rows scaled by their inverse norms).
+    An exact inner-product search over the normalised fit rows (`search.Bank`: faiss when installed,
+    else numpy; block by block with a merge when the fit set is larger than one block).
     """
-    if faiss_module() is not None and k <= 2048:
-        index = state["index"].get("faiss")
-        if index is None:
-            index = state["index"].setdefault("faiss", faiss_index(normalised32(state["features"])))
-        return top_neighbours(q, None, k, index=index)[1]
-    fit_feats, inv_norm = state["features"], state["inv_norm"]
-    n_fit = len(inv_norm)
-    out = np.empty((len(q), k), dtype=np.int64)
-    for sl in row_chunks(len(q), 2 * n_fit + q.shape[1], 4):
-        sims = q[sl] @ np.asarray(fit_feats, dtype=np.float32).T
-        sims *= inv_norm
-        cand = (
-            np.argpartition(sims, n_fit - k, axis=1)[:, n_fit - k :]
-            if k < n_fit
-            else np.tile(np.arange(n_fit), (sims.shape[0], 1))
-        )
-        order = np.argsort(-np.take_along_axis(sims, cand, axis=1), axis=1, kind="stable")
-        out[sl] = np.take_along_axis(cand, order, axis=1)
-    return out
+    return state["bank"].search(q, k)[1]
 
 
 WINDOW = 2  # float32 similarities can swap near-tied neighbours: the k-th is re-ranked in float64 among k ± WINDOW
@@ -206,19 +198,30 @@ def _window(k: int, n_fit: int) -> tuple[int, int]:
     return max(0, k - 1 - WINDOW), min(n_fit, k + WINDOW)
 
 
+def _table_ks(n_fit: int) -> list[int]:
+    """The k of every value the slider offers (a 1-2-5 ladder and the default), clipped to the fit size."""
+    return sorted({int(min(max(1, round(v)), n_fit)) for v in slider_values(KNN_K)})
+
+
 def _knn_table(state: dict, feats: np.ndarray) -> dict:
-    """Per split, once: the candidates for the k-th neighbour (ranks k ± WINDOW by float32 similarity) for every
-    k the slider offers up to TABLE_K_MAX (a 1-2-5 ladder), from one search per query batch."""
+    """Per split, once (and stored beside the run): the exact k-th distance for every k the slider offers.
+
+    One search per query batch, as deep as the largest k (+ WINDOW); each k's float32 ranks k ± WINDOW
+    are re-ranked in float64 (`_kth_distance`).  {"ks": (m,) int64, "dist": (N, m) float64}.
+    """
     n_fit = len(state["inv_norm"])
-    ks = sorted({int(min(max(1, round(v)), n_fit)) for v in slider_values(KNN_K) if v <= TABLE_K_MAX})
+    ks = _table_ks(n_fit)
     deepest = min(n_fit, ks[-1] + WINDOW)
-    cands = {k: np.empty((len(feats), _window(k, n_fit)[1] - _window(k, n_fit)[0]), dtype=np.int64) for k in ks}
-    for start in range(0, len(feats), QUERY_BATCH):  # one search per batch; only the ladder's windows are kept
-        neighbours = _knn_search(state, normalised32(feats[start : start + QUERY_BATCH]), deepest)
-        for k in ks:
+    dist = np.empty((len(feats), len(ks)))
+    for start in range(0, len(feats), QUERY_BATCH):
+        batch = feats[start : start + QUERY_BATCH]
+        neighbours = _knn_search(state, normalised32(batch), deepest)
+        for j, k in enumerate(ks):
             lo, hi = _window(k, n_fit)
-            cands[k][start : start + len(neighbours)] = neighbours[:, lo:hi]
-    return {"ks": ks, "cands": cands, "dist": {}}
+            dist[start : start + len(batch), j] = _kth_distance(
+                batch, state["features"], neighbours[:, lo:hi], k, n_fit
+            )
+    return {"ks": np.asarray(ks, dtype=np.int64), "dist": dist}
 
 
 def _kth_distance(feats: np.ndarray, fit_feats: np.ndarray, cands: np.ndarray, k: int, n_fit: int) -> np.ndarray:
@@ -254,21 +257,20 @@ def knn(state, rows, k):
     similarity is the k-th nearest neighbour): faiss's flat inner-product index when installed,
     else a float32 product per row chunk and a partition; the float32 ranks k ± 2 are then
     re-ranked by their float64 distances (float32 can swap near-tied neighbours), so the result
-    is the exact float64 k-th distance.  Per split, the neighbour of every k the slider offers is
-    found in one search and kept with the fitted state, so a slider move is a column read; any
-    other k is one search.
+    is the exact float64 k-th distance.  Per split, the distance for every k the slider offers is
+    found in one search and stored beside the run, so a slider move is a column read; any other k
+    is one search.
     """
     feats = split_features(rows)
     fit_feats, n_fit = state["features"], len(state["inv_norm"])
     kk = int(min(max(1, round(k)), n_fit))
-    table = state["memo"].get("knn", feats, lambda: _knn_table(state, feats))
-    if kk not in table["cands"]:  # not on the slider's ladder: one search for this k
-        lo, hi = _window(kk, n_fit)
-        batches = range(0, len(feats), QUERY_BATCH)
-        cands = np.concatenate(
-            [_knn_search(state, normalised32(feats[b : b + QUERY_BATCH]), hi)[:, lo:hi] for b in batches]
-        )
-        return _kth_distance(feats, fit_feats, cands, kk, n_fit)
-    if kk not in table["dist"]:
-        table["dist"][kk] = _kth_distance(feats, fit_feats, table["cands"][kk], kk, n_fit)
-    return table["dist"][kk].copy()
+    table = state["memo"].get("table", feats, lambda: _knn_table(state, feats))
+    col = int(np.searchsorted(table["ks"], kk))
+    if col < len(table["ks"]) and table["ks"][col] == kk:  # a value the slider offers: a column read
+        return np.array(table["dist"][:, col], dtype=np.float64)
+    lo, hi = _window(kk, n_fit)  # any other k: one search for it
+    batches = range(0, len(feats), QUERY_BATCH)
+    cands = np.concatenate(
+        [_knn_search(state, normalised32(feats[b : b + QUERY_BATCH]), hi)[:, lo:hi] for b in batches]
+    )
+    return _kth_distance(feats, fit_feats, cands, kk, n_fit)

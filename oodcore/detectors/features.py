@@ -15,7 +15,14 @@ import numpy as np
 
 from oodcore.detectors.errors import MethodUnavailable
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import chunked_percentile, log_softmax, logsumexp, row_chunks
+from oodcore.detectors.numerics import (
+    affine_logsumexp,
+    chunked_percentile,
+    linear_slider_values,
+    log_softmax,
+    logsumexp,
+    row_chunks,
+)
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
 
@@ -91,7 +98,7 @@ def head_energy(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, clip
         f = np.asarray(features[sl], dtype=np.float32)
         if clip is not None:
             f = np.minimum(f, np.float32(clip))
-        out[sl] = -logsumexp(f @ w_t + b)
+        out[sl] = -affine_logsumexp(f, w_t, b)
     return out
 
 
@@ -259,6 +266,14 @@ def vim_origin(w: np.ndarray, b: np.ndarray) -> np.ndarray:
     return -(v @ ((v.T @ (w64.T @ b64)) / lam))
 
 
+def _mean_max(logits: np.ndarray) -> float:
+    """Mean over rows of the row maximum, in float64, streamed in row chunks (the max is exact in any dtype)."""
+    total = 0.0
+    for sl in row_chunks(len(logits), logits.shape[1], 4):
+        total += float(np.asarray(logits[sl]).max(axis=1).astype(np.float64).sum())
+    return total / len(logits)
+
+
 def vim_basis(ctx: FitContext) -> dict:
     """Origin u = -(W^T)^+ b and the eigen-decomposition of the fit features' second moment about u."""
     fit = ctx.require_fit(features=True)
@@ -274,57 +289,82 @@ def vim_basis(ctx: FitContext) -> dict:
             "u": u,
             "evals": evals,
             "evecs": evecs,
-            "mean_max_logit": float(np.asarray(fit.logits, dtype=np.float64).max(axis=1).mean()),
+            "mean_max_logit": _mean_max(fit.logits),
         }
 
     return ctx.shared("vim_basis", build)
 
 
-def _vim_dim(ctx: FitContext, dim: float) -> int:
-    d = ctx.require_fit(features=True).features.shape[1]
+VIM_DIM = Param(
+    "dim",
+    "principal dims D′ (0 = auto)",
+    0.0,
+    0.0,
+    2048.0,
+    "linear",
+    help="dimension of the principal subspace; 0 = 1000 if D ≥ 1500, 512 if D ≥ 768, else D/2 (clipped to D−1)",
+)
+
+
+def resolve_vim_dim(d: int, dim: float) -> int:
+    """The principal dimension D′ a slider value means on D features (0 = the authors' default), in [1, D - 1]."""
     want = vim_default_dim(d) if dim <= 0 else int(round(dim))
     return int(min(max(1, want), d - 1))
 
 
-def _residual_norms(features: np.ndarray, u: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    u32 = u.astype(np.float32)
-    out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + residual.shape[1], 4):
-        r = (np.asarray(features[sl], dtype=np.float32) - u32) @ residual
-        out[sl] = np.sqrt(np.einsum("ij,ij->i", r, r, dtype=np.float64))
+def _residual_cumsum(features: np.ndarray, u32: np.ndarray, basis32: np.ndarray, sl: slice) -> np.ndarray:
+    """(n, D) float64: per row of `features[sl]`, the running sum of squared coordinates of f - u along the basis
+    (ascending eigenvalue), so column m - 1 is the squared residual norm outside the top D - m directions."""
+    coords = np.asarray((np.asarray(features[sl], dtype=np.float32) - u32) @ basis32, dtype=np.float64)
+    np.square(coords, out=coords)
+    return np.cumsum(coords, axis=1, out=coords)
+
+
+def _residual_table(state: dict, features: np.ndarray, dims: list[int]) -> np.ndarray:
+    """(N, len(dims)) float64: ||(f - u) R_{D′}|| for each D′ of `dims`, from one projection per row chunk."""
+    cols = features.shape[1] - np.asarray(dims, dtype=np.int64) - 1
+    out = np.empty((len(features), len(dims)))
+    for sl in row_chunks(len(features), 2 * features.shape[1], 8):
+        out[sl] = np.sqrt(_residual_cumsum(features, state["u32"], state["basis"], sl)[:, cols])
     return out
 
 
-def vim_state(ctx: FitContext, dim: float = 0) -> dict:
-    """{"dim", "u", "residual" (D, D - D') float32 basis of the non-principal subspace, "alpha"}."""
+def vim_state(ctx: FitContext) -> dict:
+    """Origin u, the full eigenbasis of the fit features' second moment about u (ascending), and for every D′ the
+    mean fit residual norm (α's denominator): any principal dimension is a slice, so D′ is a scoring parameter."""
     fit = ctx.require_fit(features=True)
-    d_prime = _vim_dim(ctx, dim)
     basis = vim_basis(ctx)
-    residual = np.ascontiguousarray(basis["evecs"][:, : len(basis["evals"]) - d_prime], dtype=np.float32)
-    alpha = basis["mean_max_logit"] / float(_residual_norms(fit.features, basis["u"], residual).mean())
-    return {"dim": d_prime, "u": basis["u"], "residual": residual, "alpha": alpha}
+    feats = fit.features
+    n, d = feats.shape
+    state = {"u32": basis["u"].astype(np.float32), "basis": np.ascontiguousarray(basis["evecs"], dtype=np.float32)}
+    total = np.zeros(d)
+    for sl in row_chunks(n, 2 * d, 8):
+        total += np.sqrt(_residual_cumsum(feats, state["u32"], state["basis"], sl)).sum(axis=0)
+    # fit_residual[m - 1]: mean residual norm when the residual keeps the m least-variance directions
+    return {**state, "fit_residual": total / n, "mean_max_logit": basis["mean_max_logit"], "memo": ctx.row_memo("vim")}
+
+
+def _vim_table(state: dict, feats: np.ndarray, logits: np.ndarray) -> dict:
+    """Per split, once (and stored beside the run): the residual norm for every D′ the slider offers, and the
+    energy logsumexp(logits).  {"dims": (m,) int64, "residual": (N, m) float64, "lse": (N,) float64}."""
+    d = feats.shape[1]
+    dims = sorted({resolve_vim_dim(d, v) for v in linear_slider_values(VIM_DIM)})
+    return {
+        "dims": np.asarray(dims, dtype=np.int64),
+        "residual": _residual_table(state, feats, dims),
+        "lse": logsumexp(logits),
+    }
 
 
 @register(
     "vim",
     "ViM",
-    params=(
-        Param(
-            "dim",
-            "principal dims D′ (0 = auto)",
-            0.0,
-            0.0,
-            2048.0,
-            "linear",
-            help="dimension of the principal subspace; 0 = 1000 if D ≥ 1500, 512 if D ≥ 768, else D/2 (clipped to D−1)",
-            fit=True,
-        ),
-    ),
+    params=(VIM_DIM,),
     fit=vim_state,
     needs=("logits", "features", "head", "fit"),
     paper="Wang et al. 2022 (CVPR), ViM: Out-Of-Distribution with Virtual-logit Matching",
 )
-def vim(state, rows):
+def vim(state, rows, dim=0.0):
     """Virtual logit minus energy: α ||(f - u) R|| - logsumexp(logits).
 
     u = -(W^T)^+ b; R spans the D - D' least-variance directions of the fit features
@@ -333,14 +373,24 @@ def vim(state, rows):
     (vlogit - energy); it is log(p_0 / (1 - p_0)) for p_0 the softmax probability of
     the virtual logit among [logits, α||x^{P⊥}||], so it ranks exactly as the paper's
     "virtual-logit softmax" score.  Feature residuals no logit explains are OOD.
+    The state holds the whole eigenbasis, so every D' is a slice: per split, the residual
+    norm of every D' the slider offers is computed once (one projection) and stored.
     """
     feats = split_features(rows)
-    r = _residual_norms(feats, state["u"], state["residual"])
-    logits = np.asarray(rows.logits)
-    energy = np.empty(len(logits))
-    for sl in row_chunks(len(logits), logits.shape[1]):
-        energy[sl] = logsumexp(logits[sl])
-    return state["alpha"] * r - energy
+    d = feats.shape[1]
+    d_prime = resolve_vim_dim(d, dim)
+    table = state["memo"].get("table", feats, lambda: _vim_table(state, feats, rows.logits))
+    col = int(np.searchsorted(table["dims"], d_prime))
+    if col < len(table["dims"]) and table["dims"][col] == d_prime:
+        r = np.asarray(table["residual"][:, col], dtype=np.float64)
+    else:  # a D' the slider does not offer: the same computation for this one column
+        r = _residual_table(state, feats, [d_prime])[:, 0]
+    return vim_alpha(state, d, dim) * r - np.asarray(table["lse"], dtype=np.float64)
+
+
+def vim_alpha(state: dict, d: int, dim: float = 0.0) -> float:
+    """α for a principal dimension on D features: the mean max logit over the mean fit residual norm."""
+    return state["mean_max_logit"] / float(state["fit_residual"][d - resolve_vim_dim(d, dim) - 1])
 
 
 # ----------------------------------------------------------------------------- SHE

@@ -43,6 +43,18 @@ class FitContext:
                 self.calls[key if isinstance(key, str) else key[1] if key[0] == "state" else key[0]] += 1
             return self._shared[key]
 
+    def row_memo(self, name: str, **fit_params) -> Any:
+        """A per-split memo for a fitted state (see oodcore.detectors.search.RowMemo), stored beside the run
+        under `name` and the fit parameters when the run has a StateStore; one per (name, parameters) and
+        context, so states that share it (fresh or loaded from the store) share its tables."""
+        from oodcore.detectors.search import RowMemo
+
+        key = ("memo", name, tuple(sorted(fit_params.items())))
+        with self._lock:
+            if key not in self._shared:
+                self._shared[key] = RowMemo(name, fit_params, owner=self)
+            return self._shared[key]
+
     def require_fit(self, *, features: bool = False, labels: bool = False) -> SplitArrays:
         """The fit split, or a clear MethodUnavailable when it (or what is asked of it) is missing."""
         fit = self.fit
@@ -82,7 +94,7 @@ def fitted_state(method, data: BenchmarkData, fit_params: dict[str, float]) -> A
     def build():
         store = ctx.store
         if store is not None:
-            stored = store.load(method.name, fit_params)
+            stored = store.load(method.name, fit_params, ctx)
             if stored is not None:
                 return stored
         state = method.fit_fn(ctx, **fit_params)

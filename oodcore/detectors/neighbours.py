@@ -12,7 +12,7 @@ from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import logsumexp, slider_values
 from oodcore.detectors.registry import Param, register
-from oodcore.detectors.search import QUERY_BATCH, TABLE_K_MAX, RowMemo, normalised32, top_similarities
+from oodcore.detectors.search import QUERY_BATCH, Bank, normalised32
 
 # ----------------------------------------------------------------------------- NNGuide
 
@@ -28,24 +28,24 @@ NNGUIDE_K = Param(
 
 
 def fit_nnguide(ctx: FitContext) -> dict:
-    """The guidance bank: every fit feature normalised and scaled by its confidence logsumexp(logits), float32."""
+    """The guidance bank: every fit feature normalised and scaled by its confidence logsumexp(logits) (float32),
+    searched block by block (`search.Bank`), so a fit set of ImageNet-train size is never copied whole."""
     fit = ctx.require_fit(features=True)
-    conf = logsumexp(np.asarray(fit.logits, dtype=np.float64))
-    bank = normalised32(fit.features) * conf.astype(np.float32)[:, None]
-    return {"bank": bank, "memo": RowMemo()}
+    conf = logsumexp(fit.logits).astype(np.float32)
+    return {"bank": Bank(fit.features, scale=conf), "memo": ctx.row_memo("nnguide")}
 
 
-def _guidance_table(state: dict, feats: np.ndarray) -> dict[int, np.ndarray]:
-    """Per split, once: the mean of the top-k bank similarities for every k the slider offers up to TABLE_K_MAX."""
+def _guidance_table(state: dict, feats: np.ndarray) -> dict:
+    """Per split, once (and stored beside the run): the mean of the top-k bank similarities for every k the
+    slider offers, from one search per query batch.  {"ks": (m,) int64, "guidance": (N, m) float64}."""
     n_bank = len(state["bank"])
-    ks = sorted({int(min(max(1, round(v)), n_bank)) for v in slider_values(NNGUIDE_K) if v <= TABLE_K_MAX})
-    out = {k: np.empty(len(feats)) for k in ks}
+    ks = sorted({int(min(max(1, round(v)), n_bank)) for v in slider_values(NNGUIDE_K)})
+    out = np.empty((len(feats), len(ks)))
+    cols = np.asarray(ks) - 1
     for start in range(0, len(feats), QUERY_BATCH):
-        sims = top_similarities(normalised32(feats[start : start + QUERY_BATCH]), state["bank"], ks[-1])
-        sums = np.cumsum(sims, axis=1, dtype=np.float64)
-        for k in ks:
-            out[k][start : start + len(sims)] = sums[:, k - 1] / k
-    return out
+        sims = state["bank"].search(normalised32(feats[start : start + QUERY_BATCH]), ks[-1])[0]
+        out[start : start + len(sims)] = np.cumsum(sims, axis=1, dtype=np.float64)[:, cols] / np.asarray(ks)
+    return {"ks": np.asarray(ks, dtype=np.int64), "guidance": out}
 
 
 @register(
@@ -66,16 +66,17 @@ def nnguide(state, rows, k):
     """
     feats = split_features(rows)
     kk = int(min(max(1, round(k)), len(state["bank"])))
-    conf = logsumexp(np.asarray(rows.logits, dtype=np.float64))
+    conf = logsumexp(rows.logits)
     table = state["memo"].get("guidance", feats, lambda: _guidance_table(state, feats))
-    if kk in table:
-        guidance = table[kk]
+    col = int(np.searchsorted(table["ks"], kk))
+    if col < len(table["ks"]) and table["ks"][col] == kk:  # a value the slider offers: a column read
+        guidance = np.asarray(table["guidance"][:, col], dtype=np.float64)
     else:
         sims = np.concatenate(
             [
-                top_similarities(normalised32(feats[b : b + QUERY_BATCH]), state["bank"], kk)
+                state["bank"].search(normalised32(feats[b : b + QUERY_BATCH]), kk)[0]
                 for b in range(0, len(feats), QUERY_BATCH)
             ]
         )
-        guidance = sims.sum(axis=1, dtype=np.float64) / kk
+        guidance = np.cumsum(sims, axis=1, dtype=np.float64)[:, -1] / kk  # as the table's columns
     return -guidance * conf

@@ -11,17 +11,56 @@ from typing import Iterable, Iterator
 import numpy as np
 
 
-def logsumexp(x: np.ndarray, axis: int = 1) -> np.ndarray:
-    """Stable log-sum-exp in float64 (float32 overflows at ImageNet logit scales / small T)."""
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of one 2-D chunk, float64, with one temporary (the chunk's float64 copy)."""
+    z = np.array(x, dtype=np.float64)  # always a private copy: the ops below run in place
+    if scale is not None:
+        z /= scale
+    m = z.max(axis=1, keepdims=True)
+    z -= m
+    np.exp(z, out=z)
+    return m[:, 0], m[:, 0] + np.log(z.sum(axis=1))
+
+
+def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.ndarray:
+    """Stable log-sum-exp in float64 (float32 overflows at ImageNet logit scales / small T) of x (/ scale).
+
+    2-D input along axis 1 is streamed in row chunks with in-place arithmetic: each row's value is
+    the same as the whole-array formula's, without ever holding a float64 copy of the whole array
+    (52k x 1000 logits: 416 MB, and fresh mappings of that size cost more than the arithmetic).
+    """
+    x = np.asarray(x)
+    if x.ndim == 2 and axis in (1, -1):
+        out = np.empty(len(x))
+        for sl in row_chunks(len(x), x.shape[1]):
+            out[sl] = _lse_rows(x[sl], scale)[1]
+        return out
+    z = np.asarray(x, dtype=np.float64)
+    if scale is not None:
+        z = z / scale
+    m = z.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """logsumexp(f W^T + b) per row of one chunk: float32 product f @ w_t (w_t = W^T, float32), float64 bias
+    and log-sum-exp (= logsumexp(f32 @ w_t + b) exactly, with one float64 temporary)."""
+    z = np.asarray(f32 @ w_t, dtype=np.float64)
+    z += b
+    m = z.max(axis=1, keepdims=True)
+    z -= m
+    np.exp(z, out=z)
+    return m[:, 0] + np.log(z.sum(axis=1))
 
 
 def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return np.exp(z.max(axis=1) - logsumexp(z))
+    """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability (row chunks, float64)."""
+    x = np.asarray(logits)
+    out = np.empty(len(x))
+    for sl in row_chunks(len(x), x.shape[1]):
+        m, lse = _lse_rows(x[sl], temperature)
+        out[sl] = np.exp(m - lse)
+    return out
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -31,7 +70,9 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-CHUNK_BYTES = 64 << 20  # per temporary; every method streams rows in chunks of about this size
+CHUNK_BYTES = (
+    4 << 20
+)  # per temporary (small enough that the allocator reuses it: 64 MB temporaries cost a fresh page-faulted mapping each, 5x slower)
 
 
 def row_chunks(n: int, row_elems: int, itemsize: int = 8) -> Iterator[slice]:
@@ -89,6 +130,28 @@ def slider_values(param) -> list[float]:
     """The values the app's slider offers for a log-scale parameter (a 1-2-5 ladder plus the default): what a
     detector precomputes per split so that a slider move is a column read."""
     return ladder(param.low, param.high, [param.default])
+
+
+def slider_step(param) -> float | None:
+    """The step of the app's plain slider for a linear parameter: 1/100 of its range, a whole number for
+    integral parameters (counts, percentiles, dimensions); None for an empty range."""
+    if not param.high > param.low:
+        return None
+    step = (param.high - param.low) / 100
+    if all(float(v).is_integer() for v in (param.low, param.high, param.default)):
+        step = float(max(1, round(step)))
+    return step
+
+
+def linear_slider_values(param) -> list[float]:
+    """Every value the app's plain slider offers for a linear parameter (low, low + step, ..., high) and the
+    default: what a detector precomputes per split so that a slider move is a column read."""
+    step = slider_step(param)
+    if step is None:
+        return [float(param.default)]
+    n = int(math.floor((param.high - param.low) / step + 1e-9))
+    values = {float(param.low + i * step) for i in range(n + 1)} | {float(param.high), float(param.default)}
+    return sorted(values)
 
 
 def _sortable(x32: np.ndarray) -> np.ndarray:

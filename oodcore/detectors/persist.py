@@ -8,8 +8,12 @@ run, fit or parameter is refitted, never served stale.
 
 Only *plain* states are stored: dicts (nested allowed) of numpy arrays and numbers, a bare array
 or a number.  States holding references to the run's own arrays or per-split memos (KNN, NNGuide,
-ASH/SCALE) are cheap to rebuild and are not stored.  A state that cannot be written (read-only
-folder, full disk) is simply not stored; a stored file that cannot be read is refitted.
+ASH/SCALE, ViM) are cheap to rebuild and are not stored; their per-split tables (what a slider only
+slices: KNN's k-th distances for every k the slider offers, ViM's residual norm for every D', ...)
+are, as `<memo>.<table>-<split>-<key>.arrays` folders read through memory maps, for the run's own
+ID / OOD / tuning splits (not for a view on some of its rows, nor for a new image).  A state or
+table that cannot be written (read-only folder, full disk) is simply not stored; a stored file that
+cannot be read is recomputed.
 """
 
 from __future__ import annotations
@@ -21,18 +25,30 @@ from typing import Any
 import numpy as np
 
 from oodcore.detectors.fitting import context_of
+from oodcore.detectors.search import RowMemo
 from oodcore.store.atomic import write_npz
 from oodcore.store.cache import key_of
 from oodcore.store.integrity import CacheError, load_arrays
 from oodcore.store.rundata import BenchmarkData
 
-FIT_VERSION = 1
+FIT_VERSION = 2  # 2: per-split tables stored; ViM's state is the full eigenbasis
 FITTED_DIR = "fitted"
 _SEP = "/"
 
 
+_MEMO = "#memo"
+
+
 def _flatten(state: Any, prefix: str, out: dict) -> bool:
-    """state -> {"path/to/leaf": array}; False when some leaf is not an array or a number."""
+    """state -> {"path/to/leaf": array}; False when some leaf is not an array or a number.
+
+    A per-split memo (RowMemo) is stored as its name only: its tables are stored on their own, and a
+    loaded state gets a fresh memo of that name (see `_unflatten`)."""
+    if isinstance(state, RowMemo):
+        if not state.name:
+            return False
+        out[(prefix.rstrip(_SEP) or "_") + _MEMO] = np.asarray(state.name)
+        return True
     if isinstance(state, dict):
         if not state or not all(isinstance(k, str) and _SEP not in k for k in state):
             return False
@@ -46,19 +62,25 @@ def _flatten(state: Any, prefix: str, out: dict) -> bool:
     return False
 
 
-def _unflatten(arrays: dict[str, np.ndarray]) -> Any:
+def _unflatten(arrays: dict[str, np.ndarray], memo=None) -> Any:
+    """The inverse of `_flatten`; `memo(name)` makes the fresh per-split memo a stored memo name stands for."""
     if set(arrays) == {"_"}:
         return arrays["_"]
     if set(arrays) == {"_#scalar"}:
         return arrays["_#scalar"].item()
     out: dict = {}
     for name, value in arrays.items():
-        scalar = name.endswith("#scalar")
-        parts = name.removesuffix("#scalar").split(_SEP)
+        scalar, is_memo = name.endswith("#scalar"), name.endswith(_MEMO)
+        parts = name.removesuffix("#scalar").removesuffix(_MEMO).split(_SEP)
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value.item() if scalar else value
+        if is_memo:
+            if memo is None:
+                raise ValueError("a stored state with a per-split memo needs the fit context to load")
+            node[parts[-1]] = memo(str(value))
+        else:
+            node[parts[-1]] = value.item() if scalar else value
     return out
 
 
@@ -78,21 +100,68 @@ class StateStore:
         self.writable = writable
         self.saved: list[str] = []
         self.loaded: list[str] = []
+        self._splits: list[tuple[Any, str]] = []  # (weak reference to a split's array, split name)
+
+    def name_splits(self, splits: dict[str, Any]) -> None:
+        """Remember which arrays are the run's named splits (their features and logits), for split_name."""
+        import weakref
+
+        for name, rows in splits.items():
+            for arr in (getattr(rows, "features", None), getattr(rows, "logits", None)):
+                if isinstance(arr, np.ndarray):
+                    self._splits.append((weakref.ref(arr), name))
+
+    def split_name(self, array: Any) -> str | None:
+        """ "id", "ood", ... when `array` is one of the run's named splits' arrays (the very object), else None."""
+        return next((name for ref, name in self._splits if ref() is array), None)
+
+    def table_path(self, table: str, split: str, params: dict) -> Path:
+        key = key_of({**self.base, "table": table, "split": split, "params": sorted(params.items())})
+        return self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', table)}-{split}-{key}.arrays"
+
+    def load_table(self, table: str, split: str, params: dict) -> dict | None:
+        path = self.table_path(table, split, params)
+        if not path.is_dir():
+            return None
+        try:
+            arrays = load_arrays(path)
+        except (CacheError, OSError):  # damaged: recompute (and overwrite)
+            return None
+        self.loaded.append(f"{table}/{split}")
+        return arrays
+
+    def save_table(self, table: str, split: str, params: dict, value: Any) -> bool:
+        if not self.writable or not isinstance(value, dict) or not value:
+            return False
+        if not all(isinstance(k, str) and re.fullmatch(r"[A-Za-z0-9_]+", k) for k in value):
+            return False
+        if not all(isinstance(v, np.ndarray) and v.dtype != object for v in value.values()):
+            return False
+        from oodcore.store.arrays import write_arrays
+
+        try:
+            write_arrays(self.table_path(table, split, params), value)
+        except OSError:
+            return False
+        self.saved.append(f"{table}/{split}")
+        return True
 
     def path(self, method: str, fit_params: dict) -> Path:
         key = key_of({**self.base, "method": method, "params": sorted(fit_params.items())})
         return self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}-{key}.npz"
 
-    def load(self, method: str, fit_params: dict) -> Any | None:
+    def load(self, method: str, fit_params: dict, ctx=None) -> Any | None:
+        """The stored state, or None (absent or damaged: refit); `ctx` makes the fresh memos of memo-holding states."""
         path = self.path(method, fit_params)
         if not path.is_file():
             return None
         try:
             arrays = load_arrays(path)  # the store's one load function: any bad file is one CacheError
-        except (CacheError, OSError):  # damaged: refit (and overwrite)
+            state = _unflatten(arrays, None if ctx is None else (lambda name: ctx.row_memo(name, **fit_params)))
+        except (CacheError, OSError, ValueError):  # damaged: refit (and overwrite)
             return None
         self.loaded.append(method)
-        return _unflatten(arrays)
+        return state
 
     def save(self, method: str, fit_params: dict, state: Any) -> bool:
         arrays: dict[str, np.ndarray] = {}
@@ -114,5 +183,6 @@ def attach(data: BenchmarkData, folder: Path, writable: bool = True) -> StateSto
             run_arrays += [split.logits, split.features]
     run_arrays += [data.head_weight, data.head_bias]
     store = StateStore(Path(folder) / FITTED_DIR, data.meta or {}, [a for a in run_arrays if a is not None], writable)
+    store.name_splits({"id": data.id, "ood": data.ood, **({"tune": data.tune} if data.tune is not None else {})})
     context_of(data).store = store
     return store

@@ -22,11 +22,21 @@ class RowMemo:
 
     Keyed by the identity of the split's feature array (checked through a weak reference, so
     a new array at a recycled id is never served a stale entry); entries die with their array.
+    Made by `FitContext.row_memo(name, **fit_params)`, a memo also reads and writes its tables
+    beside the run (the context's StateStore, see oodcore.detectors.persist) for the run's own
+    named splits, so a table is computed once per run, not once per process.  A stored table
+    is a flat dict of arrays.  A name that starts with "~" marks a memo kept in memory only (what is
+    shared between detectors within a process, e.g. Mahalanobis' class distances, but is a score
+    rather than fitted state).
     """
 
-    def __init__(self):
+    def __init__(self, name: str = "", params: dict | None = None, owner=None):
         self._store: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
+        self.name, self.params, self.owner = name, dict(params or {}), owner
+
+    def _stored(self):
+        return getattr(self.owner, "store", None) if self.name and not self.name.startswith("~") else None
 
     def get(self, name: str, array: np.ndarray, build):
         key = (name, id(array))
@@ -34,7 +44,13 @@ class RowMemo:
             hit = self._store.get(key)
             if hit is not None and hit[0]() is array:
                 return hit[1]
-        value = build()
+        store = self._stored()
+        split = store.split_name(array) if store is not None else None
+        value = store.load_table(f"{self.name}.{name}", split, self.params) if split else None
+        if value is None:
+            value = build()
+            if split:
+                store.save_table(f"{self.name}.{name}", split, self.params, value)
         try:
             ref = weakref.ref(array, lambda _r, k=key, s=self._store: s.pop(k, None))
         except TypeError:  # not weak-referenceable (e.g. a memmap subclass edge case): no memo
@@ -45,10 +61,10 @@ class RowMemo:
 
 
 QUERY_BATCH = 4096
-# The per-split neighbour tables cover the slider's k values up to this many neighbours: a deeper
-# search (k = 500, 1000) costs several times the similarity product itself (selection, not BLAS,
-# dominates), so those values are searched when asked for.
-TABLE_K_MAX = 200
+# Bank rows per block of an exact search over a large fit set: the search never holds more than one
+# normalised block (BANK_ROWS x D x 4 bytes: 512 MB at D = 2048, and faiss's copy of it), whatever the fit size (ImageNet train:
+# 1.28M rows, 10.5 GB as float32); a bank that fits in one block is normalised and indexed once.
+BANK_ROWS = 1 << 16
 
 
 def faiss_module():
@@ -118,3 +134,53 @@ def normalised32(x: np.ndarray) -> np.ndarray:
         r = np.asarray(x[sl], dtype=np.float64)
         out[sl] = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
     return out
+
+
+class Bank:
+    """Fit rows searched by inner product: each row normalised and optionally scaled (`scale`, per row).
+
+    `search(queries, k)` is exact: one cached index when the bank fits in one block (BANK_ROWS rows),
+    else block by block (normalised on the fly from the, possibly memory-mapped, features) with the
+    running top k merged, so memory follows the block, not the fit size.
+    """
+
+    def __init__(self, features: np.ndarray, scale: np.ndarray | None = None, block_rows: int = BANK_ROWS):
+        self.features, self.scale, self.block_rows = features, scale, int(block_rows)
+        self._whole: dict = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def block(self, sl: slice) -> np.ndarray:
+        rows = normalised32(self.features[sl])
+        if self.scale is not None:
+            rows *= np.asarray(self.scale[sl], dtype=np.float32)[:, None]
+        return rows
+
+    def _single(self):
+        """The whole bank as one block: its faiss index (faiss installed) or its float32 rows."""
+        with self._lock:
+            if "bank" not in self._whole:
+                rows = self.block(slice(0, len(self)))
+                use = faiss_module() is not None
+                self._whole["bank"] = (faiss_index(rows) if use else None, None if use else rows)
+            return self._whole["bank"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """((N, k) float32 similarities, (N, k) int64 bank rows), descending, k clipped to the bank size."""
+        k = int(min(max(1, k), len(self)))
+        if len(self) <= self.block_rows:
+            index, rows = self._single()
+            return top_neighbours(queries, rows, k, index=index)
+        best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        best_i = np.zeros((len(queries), 0), dtype=np.int64)
+        for start in range(0, len(self), self.block_rows):
+            block = self.block(slice(start, start + self.block_rows))
+            sims, idx = top_neighbours(queries, block, min(k, len(block)))
+            del block
+            sims = np.concatenate([best_s, sims], axis=1)
+            idx = np.concatenate([best_i, idx + start], axis=1)
+            order = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # earlier rows first among ties
+            best_s, best_i = np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+        return best_s, best_i

@@ -8,6 +8,7 @@ import numpy as np
 import streamlit as st
 
 from oodcore import detectors as M
+from oodcore.detectors.numerics import slider_step
 from oodcore.evaluation.analysis import SETS, fmt_num, fmt_pct, nearest, param_options
 from oodcore.evaluation.metrics import (
     LOWER_IS_BETTER,
@@ -67,10 +68,7 @@ def param_controls(method: M.Method, data: BenchmarkData, key_prefix: str, conta
                 )
             )
         else:
-            integral = all(float(v).is_integer() for v in (p.low, p.high, p.default))
-            step = (p.high - p.low) / 100 if p.high > p.low else None
-            if integral and step is not None:  # counts, percentiles, dimensions: whole numbers
-                step = float(max(1, round(step)))
+            step = slider_step(p)  # counts, percentiles, dimensions: whole numbers
             params[p.name] = float(
                 box.slider(
                     p.label, float(p.low), float(p.high), float(p.default), step=step, key=key, help=p.help or None
