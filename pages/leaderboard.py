@@ -2,9 +2,7 @@
 
 import json
 
-import altair as alt
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from oodcore.evaluation import analysis
@@ -50,14 +48,14 @@ if smaller:
         "no ImageNet train/ beside the ID images, a share of the ID images was held out to fit the detectors "
         "and is never evaluated."
     )
-frame = analysis.report_frame(reports)
-if frame.empty:
+rows = analysis.report_rows(reports)
+if not rows:
     st.info("No method could score this benchmark's cached runs.")
     st.stop()
-mine = frame[frame["architecture"] == sel.arch]
-if len(mine):
-    best = mine.loc[mine["auroc"].idxmax()]
-    low_fpr = mine.loc[mine["fpr95"].idxmin()]
+mine = [row for row in rows if row["architecture"] == sel.arch]
+if mine:  # the headline cards first: they need no pandas or Altair, so they render while those load
+    best = max(mine, key=lambda row: row["auroc"])
+    low_fpr = min(mine, key=lambda row: row["fpr95"])
     report = next(r for r in reports if r["arch"] == sel.arch)
     c = st.columns(4)
     c[0].metric(
@@ -77,6 +75,10 @@ if len(mine):
     split = report.get("split")
     c[3].caption(f"tuned rows: exposure {split['n_exposure']} / held-out {split['n_heldout']} OOD" if split else "")
 
+import altair as alt  # noqa: E402  (after the cards: the first paint does not wait for these imports)
+import pandas as pd  # noqa: E402
+
+frame = pd.DataFrame(rows)
 scope_note = next((r.get("results_scope") for r in reports if r.get("results_scope")), None)
 if sel.scope != "all" or scope_note:
     st.info(

@@ -84,7 +84,7 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     means_t = np.ascontiguousarray(state["means_w"].T.astype(np.float32))
     m_sq = np.einsum("ij,ij->i", state["means_w"], state["means_w"])
     out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], 8):
+    for sl in row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], 8, min_rows=512):
         y = (np.asarray(features[sl], dtype=np.float32) - mu0) @ lw
         y_sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
         md = np.asarray(y @ means_t, dtype=np.float64)  # = y_sq - 2 y·m + m_sq, in place, in that order
@@ -100,7 +100,7 @@ def _background_distance(features: np.ndarray, background: dict) -> np.ndarray:
     mu0 = background["mu0"].astype(np.float32)
     l0 = background["L"].astype(np.float32)
     out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + l0.shape[1], 4):
+    for sl in row_chunks(len(features), features.shape[1] + l0.shape[1], 4, min_rows=512):
         y0 = (np.asarray(features[sl], dtype=np.float32) - mu0) @ l0
         out[sl] = np.einsum("ij,ij->i", y0, y0, dtype=np.float64)
     return out

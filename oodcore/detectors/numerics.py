@@ -75,9 +75,10 @@ CHUNK_BYTES = (
 )  # per temporary (small enough that the allocator reuses it: 64 MB temporaries cost a fresh page-faulted mapping each, 5x slower)
 
 
-def row_chunks(n: int, row_elems: int, itemsize: int = 8) -> Iterator[slice]:
-    """Slices of at most ~CHUNK_BYTES for temporaries of `row_elems` elements per row."""
-    step = max(1, CHUNK_BYTES // max(1, row_elems * itemsize))
+def row_chunks(n: int, row_elems: int, itemsize: int = 8, min_rows: int = 1) -> Iterator[slice]:
+    """Slices of at most ~CHUNK_BYTES for temporaries of `row_elems` elements per row (at least `min_rows` rows:
+    loops around big matrix products take 512, where BLAS runs near its peak)."""
+    step = max(1, min_rows, CHUNK_BYTES // max(1, row_elems * itemsize))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 

@@ -94,7 +94,8 @@ def fit_head(ctx: FitContext) -> dict:
     def build():
         w, b = ctx.head()
         return {
-            "w_t": np.ascontiguousarray(np.asarray(w, dtype=np.float32).T),
+            # W^T as a view of the run's own head: nothing to store beside the run (the state is the head)
+            "w_t": np.asarray(w, dtype=np.float32).T,
             "b": np.asarray(b, np.float64),
             "memo": ctx.row_memo("shaping"),
         }

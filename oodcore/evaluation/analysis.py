@@ -238,9 +238,14 @@ def ninco_decisions(paths: Sequence[str]) -> np.ndarray:
 
 
 def report_frame(reports: Sequence[dict]):
-    """Leaderboard rows (metrics in percent) from `evaluate_run` reports, one per architecture."""
+    """Leaderboard rows (metrics in percent) from `evaluate_run` reports, one per architecture, as a DataFrame."""
     import pandas as pd
 
+    return pd.DataFrame(report_rows(reports))
+
+
+def report_rows(reports: Sequence[dict]) -> list[dict]:
+    """The leaderboard's rows as plain dicts (no pandas: the page's first cards need only these)."""
     rows = []
     for report in reports:
         for r in report["results"]:
@@ -270,7 +275,7 @@ def report_frame(reports: Sequence[dict]):
                 }
             )
             rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def restrict_to_run(logits_1000: np.ndarray, run: dict) -> np.ndarray:

@@ -130,7 +130,13 @@ def stored_report(
         reuse = old["report"] if isinstance(old, dict) and old.get("base") == base else None
     except (OSError, ValueError, KeyError):
         pass
-    data = load() if load is not None else C.load_benchmark(root, benchmark, arch)
+    if load is not None:
+        data = load()
+    else:  # fitted states and per-split tables go beside the run too (computed once per run)
+        from oodcore.detectors.persist import attach
+
+        data = C.load_benchmark(root, benchmark, arch)
+        attach(data, folder, writable=write)
     report = full_report(data, n_boot, reuse=reuse)
     if write:
         try:
