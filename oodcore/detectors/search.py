@@ -33,7 +33,14 @@ class RowMemo:
     def __init__(self, name: str = "", params: dict | None = None, owner=None):
         self._store: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
-        self.name, self.params, self.owner = name, dict(params or {}), owner
+        self.name, self.params = name, dict(params or {})
+        # the fit context that owns this memo (it holds the memo: a weak reference, so no reference cycle keeps
+        # a finished run's arrays and tables alive until the garbage collector happens to run)
+        self._owner = weakref.ref(owner) if owner is not None else None
+
+    @property
+    def owner(self):
+        return self._owner() if self._owner is not None else None
 
     def _stored(self):
         return getattr(self.owner, "store", None) if self.name and not self.name.startswith("~") else None
