@@ -3,7 +3,8 @@
 Each count runs in a fresh process (`python -m oodcore.cli.bench_rss ROOT N`) that extracts the first
 N synthetic JPEGs with a stand-in network of ImageNet shape (1280-d features, 1000 logits, cheap to
 run) through the real pass: uint8 decoding, chunks, JPEG thumbnails, the artifact streamed from
-the chunks. It reports its own peak RSS (`ru_maxrss`), so the figures are the engine's, not the model's.
+the chunks. It reports its own peak RSS (the kernel's VmHWM; `ru_maxrss` would carry the parent's peak
+over fork + exec, and `bench` runs this after large in-process work), so the figures are the engine's.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def measure(root: Path, n: int) -> float:
             out_path=Path(tmp) / "split.npz",
             row_arrays={"labels": np.zeros(len(entries), np.int64)},
         )
+    return own_peak_mb()
+
+
+def own_peak_mb() -> float:
+    """This process's own peak RSS in MB (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
