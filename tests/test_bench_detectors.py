@@ -25,6 +25,16 @@ def test_bench_detectors_reports_every_method_and_slider():
     assert len(describe(out)) == 2
 
 
+def test_bench_detectors_scores_a_second_copy_from_the_stored_states(tmp_path):
+    data = synthetic_benchmark(n_id=300, n_ood=100, k=10, d=16)
+    out = bench_detectors(data, n_boot=5, slider=False, folder=tmp_path)
+    assert out["from_stored_state"] and set(out["per_method_seconds_cold"]) == set(out["per_method_seconds"])
+    assert out["methods_seconds_52k_cold"] == sum(out["per_method_seconds_cold"].values())
+    stored = {p.name.split("-")[0] for p in (tmp_path / "fitted").iterdir()}
+    assert {"mahalanobis", "vim", "knn.table", "vim.table", "nnguide.guidance", "shaping.row_table"} <= stored
+    assert "from the cache with the run's stored fitted states and tables" in describe(out)[0]
+
+
 def test_slider_target_moves_off_the_default():
     data = synthetic_benchmark(n_id=50, n_ood=20, k=5, d=8)
     knn_k = M.get("knn").params[0]

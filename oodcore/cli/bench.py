@@ -245,7 +245,10 @@ def run_bench(args) -> int:
 
         cs = bench_cold_start()
         report["cold_start"] = cs
-        print(f"(g) app cold start to the first rendered page: {cs.get('seconds')} s {cs.get('note', '')}".rstrip())
+        runs = f" ({cs['statistic']}: {', '.join(f'{v:.2f}' for v in cs['runs'])} s)" if cs.get("runs") else ""
+        print(
+            f"(g) app cold start to the first rendered page: {cs.get('seconds')} s{runs} {cs.get('note', '')}".rstrip()
+        )
     if args.json_file:
         Path(args.json_file).write_text(json.dumps({**stable_keys(report), "details": report}, indent=2) + "\n")
         print(f"wrote {args.json_file}")
