@@ -145,6 +145,7 @@ def test_demo_recomputes_only_the_damaged_artifact_with_identical_numbers(cache_
             assert (folder_of(cache_copy) / name).stat().st_mtime_ns == mtime, name
 
 
+@pytest.mark.slow  # ~3 s: a full repair of the demo
 def test_verify_repair_brings_a_damaged_demo_back_to_identical_numbers(cache_copy, tmp_path, capsys):
     before = demo_numbers(cache_copy, tmp_path, capsys)
     flip_byte(array_file(cache_copy, "id", "features"))
