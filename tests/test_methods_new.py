@@ -310,3 +310,20 @@ def test_react_threshold_unchanged(demo):
     data = dataclasses.replace(demo, states={})
     for p in (50.0, 90.0, 99.0):
         assert M.get("react").state(data, p=p)["clip"] == float(np.percentile(demo.fit.features, p))
+
+
+def test_row_chunks_run_side_by_side_give_the_sequential_result(monkeypatch):
+    """map_row_chunks (threads, one-thread BLAS each) scores row for row as one chunk after another does."""
+    from oodcore.detectors import numerics
+
+    data = feature_data()
+    monkeypatch.setattr(numerics, "CHUNK_BYTES", 4096)  # many chunks
+    results = {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(numerics, "_WORKERS", workers)
+        results[workers] = [
+            np.r_[M.get(name).score_id_ood(data)] for name in ("ash_p", "ash_b", "ash_s", "scale", "react", "optfs")
+        ]
+    for workers in (2, 3):
+        for a, b in zip(results[1], results[workers]):
+            np.testing.assert_array_equal(a, b)

@@ -293,6 +293,8 @@ def test_synthetic_study_is_a_real_cache_and_the_leaderboard_reads_stored_report
     assert compute_metrics(s_id, s_ood)["auroc"] > 0.7  # the well-separated architecture separates
     figures = bench_study.build_reports(root, archs, n_boot=200)  # the leaderboard's setting
     assert set(figures["report_seconds_per_arch"]) == set(archs)
+    fitted = cache.arch_dir(root, bench_study.BENCHMARK, "synthetic_00") / "fitted"
+    assert list(fitted.glob("knn.table-id-*.arrays")) and list(fitted.glob("vim-*.npz"))  # stored with the report
 
     def boom(*a, **k):
         raise AssertionError("the leaderboard recomputed a stored report")

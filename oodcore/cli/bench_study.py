@@ -388,7 +388,13 @@ def run_study_bench(args) -> int:
             "fit_peak_rss_mb is VmHWM (it counts the touched pages of the memory-mapped file, reclaimable page "
             "cache), fit_peak_private_mb the peak of the process's own memory"
         )
-        out["extract_peak_rss_mb"] = None  # measured by the extraction benchmark
+        out["extract_peak_rss_mb"] = None  # with --rss: extraction's peak RSS at those image counts
+        if getattr(args, "rss", None):
+            from oodcore.cli.bench_rss import bench_rss
+
+            counts = tuple(int(n) for n in str(args.rss).split(",") if n.strip())
+            out["extract_peak_rss_mb"] = bench_rss(counts)["extract_peak_rss_mb"]
+            say(f"extraction peak RSS: {out['extract_peak_rss_mb']} MB")
         out["self_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         say(json.dumps({k: v for k, v in out.items() if k != "report_seconds_per_arch"}, indent=1))
         if args.json_file:

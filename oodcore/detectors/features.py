@@ -21,6 +21,7 @@ from oodcore.detectors.numerics import (
     linear_slider_values,
     log_softmax,
     logsumexp,
+    map_row_chunks,
     row_chunks,
 )
 from oodcore.detectors.registry import Param, register
@@ -94,11 +95,14 @@ def head_energy(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, clip
     w_t = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
     b = np.asarray(bias, dtype=np.float64)
     out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], 8):
+
+    def rows(sl: slice) -> None:
         f = np.asarray(features[sl], dtype=np.float32)
         if clip is not None:
             f = np.minimum(f, np.float32(clip))
         out[sl] = -affine_logsumexp(f, w_t, b)
+
+    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=256)
     return out
 
 

@@ -6,7 +6,8 @@ numpy only, so pages that only read the cache never import torch.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+import os
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -81,6 +82,37 @@ def row_chunks(n: int, row_elems: int, itemsize: int = 8, min_rows: int = 1) -> 
     step = max(1, min_rows, CHUNK_BYTES // max(1, row_elems * itemsize))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
+
+
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+
+def map_row_chunks(n: int, row_elems: int, fn: Callable[[slice], None], itemsize: int = 8, min_rows: int = 1) -> None:
+    """`fn(sl)` for every row chunk (see `row_chunks`), on all cores: numpy's element-wise work is single-threaded,
+    so chunks run side by side in threads (numpy releases the GIL), each with a one-thread BLAS (threadpoolctl,
+    when installed; else one chunk after another).  `fn` writes its own rows only, so the result is the same
+    as a sequential loop's, row for row."""
+    chunks = list(row_chunks(n, row_elems, itemsize, min_rows))
+    workers = min(len(chunks), _WORKERS)
+    limits = None
+    if workers > 1:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            limits = threadpool_limits(1, user_api="blas")
+        except ImportError:  # the light core runs without it
+            workers = 1
+    if workers <= 1:
+        for sl in chunks:
+            fn(sl)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fn, chunks))
+    finally:
+        limits.restore_original_limits()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import affine_logsumexp, row_chunks
+from oodcore.detectors.numerics import affine_logsumexp, map_row_chunks, row_chunks
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
 
@@ -120,7 +120,8 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
     n, d = feats.shape
     thr, s2, s1 = _topk(state, feats, k)
     out = np.empty(n)
-    for sl in row_chunks(n, 3 * d + state["w_t"].shape[1]):
+
+    def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32)
         keep = topk_mask(f, thr[sl], k)
         if variant == "b":  # binarise: every kept activation becomes s1 / k
@@ -130,6 +131,8 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
             if variant == "s":  # rescale the kept activations by exp(s1 / s2)
                 shaped *= np.exp(s1[sl] / s2[sl]).astype(np.float32)[:, None]
         out[sl] = _energy_of(shaped, state)
+
+    map_row_chunks(n, 3 * d + state["w_t"].shape[1], rows, min_rows=256)
     return out
 
 
@@ -210,9 +213,12 @@ def scale(state, rows, p):
     _, s2, s1 = _topk(state, feats, k)
     factor = np.exp(s1 / s2)
     out = np.empty(n)
-    for sl in row_chunks(n, d + state["w_t"].shape[1]):
+
+    def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32) * factor[sl].astype(np.float32)[:, None]
         out[sl] = _energy_of(f, state)
+
+    map_row_chunks(n, d + state["w_t"].shape[1], rows, min_rows=256)
     return out
 
 
@@ -299,9 +305,12 @@ def optfs(state, rows):
     feats = split_features(rows)
     preds = np.asarray(rows.logits).argmax(axis=1)
     out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), 3 * feats.shape[1]):
+
+    def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float64)
         idx, inside = _bin_index(f, state["lefts"], state["width"])
         shaped = np.where(inside, f * state["theta"][idx], 0.0)
         out[sl] = -np.einsum("ij,ij->i", state["w"][preds[sl]], shaped)
+
+    map_row_chunks(len(feats), 3 * feats.shape[1], rows)
     return out
