@@ -316,14 +316,18 @@ def test_row_chunks_run_side_by_side_give_the_sequential_result(monkeypatch):
     """map_row_chunks (threads, one-thread BLAS each) scores row for row as one chunk after another does."""
     from oodcore.detectors import numerics
 
-    data = feature_data()
+    data = feature_data(n_id=1500, n_ood=700, d=12)  # several chunks of 256 rows (the product loops' minimum)
     monkeypatch.setattr(numerics, "CHUNK_BYTES", 4096)  # many chunks
+    calls = []
+    real = numerics.row_chunks
+    monkeypatch.setattr(numerics, "row_chunks", lambda *a, **k: calls.append(list(real(*a, **k))) or iter(calls[-1]))
     results = {}
     for workers in (1, 2, 3):
         monkeypatch.setattr(numerics, "_WORKERS", workers)
         results[workers] = [
             np.r_[M.get(name).score_id_ood(data)] for name in ("ash_p", "ash_b", "ash_s", "scale", "react", "optfs")
         ]
+    assert max(len(c) for c in calls) >= 5  # the loops really ran in several chunks
     for workers in (2, 3):
         for a, b in zip(results[1], results[workers]):
             np.testing.assert_array_equal(a, b)
