@@ -93,6 +93,26 @@ def test_a_damaged_table_is_recomputed_identically(run_copy):
     assert np.array_equal(np.r_[first], np.r_[second])
 
 
+def test_a_silently_altered_table_is_caught_by_its_checksum_and_by_verify(run_copy):
+    from oodcore.cli.main import main
+
+    data, store = _load(run_copy)
+    first = M.get("knn").score_id_ood(data, k=5)
+    folder = cache.arch_dir(run_copy, "demo", "digits_cnn") / persist.FITTED_DIR
+    (table,) = folder.glob("knn.table-id-*.arrays")
+    raw = bytearray((table / "dist.npy").read_bytes())
+    raw[-3] ^= 0xFF  # same size, one value changed: only the recorded xxh3 checksum can tell
+    (table / "dist.npy").write_bytes(bytes(raw))
+    assert main(["verify", "--cache-dir", str(run_copy)]) == 1
+    again, store2 = _load(run_copy)
+    assert np.array_equal(np.r_[first], np.r_[M.get("knn").score_id_ood(again, k=5)])  # recomputed, not served
+    assert "knn.table/id" not in store2.loaded
+    raw[-3] ^= 0xFF
+    (table / "dist.npy").write_bytes(bytes(raw[:-8]))  # now truncated as well
+    assert main(["verify", "--repair", "--cache-dir", str(run_copy)]) == 0
+    assert not table.exists() and main(["verify", "--cache-dir", str(run_copy)]) == 0
+
+
 def test_the_key_follows_the_run(run_copy):
     data, store = _load(run_copy)
     other = persist.StateStore(store.folder, {**data.meta, "key": "something-else"}, [])

@@ -8,6 +8,7 @@ Exit status 0 when everything is intact (or repaired), 1 otherwise.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +50,13 @@ def run_verify(args) -> int:
         problems = cache.verify_run(root, benchmark, arch, full=True)
         if args.repair:  # damaged fitted states are refitted on next use: removing them repairs them
             for exc in [e for e in problems if e.repair == cache.FITTED_REPAIR and e.path]:
-                Path(exc.path).unlink(missing_ok=True)
+                damaged = Path(exc.path)
+                if damaged.parent.suffix == ".arrays":  # a file of a stored per-split table: the whole table
+                    damaged = damaged.parent
+                if damaged.is_dir():
+                    shutil.rmtree(damaged, ignore_errors=True)
+                else:
+                    damaged.unlink(missing_ok=True)
                 print(f"{benchmark} · {arch}: {exc.what}: removed (refitted on next use)")
             problems = [e for e in problems if e.repair != cache.FITTED_REPAIR]
         if args.repair and problems and "old cache format 1" in problems[0].what:

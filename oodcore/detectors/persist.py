@@ -123,7 +123,10 @@ class StateStore:
         path = self.table_path(table, split, params)
         if not path.is_dir():
             return None
-        try:
+        try:  # sizes and xxh3 checksums against those recorded when it was written (once per process)
+            from oodcore.store.integrity import check_file
+
+            check_file(path, None)
             arrays = load_arrays(path)
         except (CacheError, OSError):  # damaged: recompute (and overwrite)
             return None

@@ -4,7 +4,9 @@
 rows (and their row indices), sorted descending: through faiss (an exact flat inner-product
 index, batched queries; GPU when faiss-gpu and a GPU are present) when faiss is installed, else
 numpy (one float32 product per row chunk and a partition).  Both are exact float32 searches.
-No detector is registered here.
+`Bank` is a fit set searched that way: normalised (and scaled) once when it fits in one block of
+BANK_ROWS rows, else block by block from its (memory-mapped) rows with the running top k merged,
+so a fit set of ImageNet-train size is never copied whole.  No detector is registered here.
 """
 
 from __future__ import annotations

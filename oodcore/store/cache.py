@@ -214,7 +214,8 @@ def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True) -> l
             _load_one_trained(meta_path, run)
         except CacheError as exc:
             problems.append(exc)
-    for path in sorted((folder / FITTED_DIR).glob("*.npz")):  # fitted states: no record, read back whole
+    fitted = sorted((folder / FITTED_DIR).glob("*.npz")) + sorted((folder / FITTED_DIR).glob("*.arrays"))
+    for path in fitted:  # fitted states (read back whole) and per-split tables (their recorded checksums)
         try:
             check_file(path, None, repair=FITTED_REPAIR)
         except CacheError as exc:
