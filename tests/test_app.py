@@ -181,6 +181,26 @@ def test_selection_carries_across_pages(demo_cache, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- leaderboard and curves
 
 
+def test_a_damaged_stored_table_does_not_block_the_leaderboard(demo_cache, tmp_path, monkeypatch):
+    """Fitted states and per-split tables are recomputed on use: the leaderboard never reports them as a damaged run."""
+    from oodcore import detectors as M
+    from oodcore.detectors.persist import attach
+    from oodcore.store import cache
+
+    root = tmp_path / "cache"
+    shutil.copytree(demo_cache, root)
+    data = cache.load_benchmark(root, "demo", "digits_cnn")
+    attach(data, cache.arch_dir(root, "demo", "digits_cnn"))
+    M.get("knn").score_id_ood(data)  # stores knn's tables
+    (table,) = (cache.arch_dir(root, "demo", "digits_cnn") / "fitted").glob("knn.table-id-*.arrays")
+    (table / "dist.npy").write_bytes(b"garbage")
+    monkeypatch.setenv("OODCORE_CACHE", str(root))
+    at = app()
+    no_exception(at)
+    assert not at.error, [e.value for e in at.error]
+    assert "KNN" in set(at.dataframe[0].value["method"])
+
+
 def test_leaderboard_rows_say_protocol_counts_and_tuning(demo_cache):
     at = app()
     no_exception(at)

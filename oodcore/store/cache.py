@@ -191,8 +191,10 @@ def artifact_ok(folder: Path, name: str, previous: dict | None, say=None) -> boo
     return True
 
 
-def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True) -> list[CacheError]:
-    """Every problem of one run: its run.json, each artifact (size + checksum), its trained detectors."""
+def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True, fitted: bool = True) -> list[CacheError]:
+    """Every problem of one run: its run.json, each artifact (size + checksum), its trained detectors, and (with
+    `fitted`) its stored fitted states and tables, which are recomputed on use when damaged, so a reader
+    that only needs the run itself passes fitted=False."""
     folder = arch_dir(root, benchmark, arch)
     try:
         run = _parse_run(folder / RUN_FILE, benchmark, arch)
@@ -214,8 +216,8 @@ def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True) -> l
             _load_one_trained(meta_path, run)
         except CacheError as exc:
             problems.append(exc)
-    fitted = sorted((folder / FITTED_DIR).glob("*.npz")) + sorted((folder / FITTED_DIR).glob("*.arrays"))
-    for path in fitted:  # fitted states (read back whole) and per-split tables (their recorded checksums)
+    stored = sorted((folder / FITTED_DIR).glob("*.npz")) + sorted((folder / FITTED_DIR).glob("*.arrays"))
+    for path in stored if fitted else []:  # fitted states (read back whole) and per-split tables (recorded checksums)
         try:
             check_file(path, None, repair=FITTED_REPAIR)
         except CacheError as exc:
