@@ -166,14 +166,7 @@ def build_bundle(
 ) -> dict:
     """Bundle `archs` (default: every cached one) of `benchmark` from the cache at `root` into `out`."""
     root, out = Path(root), Path(out)
-    cached = [r for r in C.list_runs(root) if r.get("benchmark") == benchmark]
-    if not cached:
-        raise C.CacheMissing(f"no cached run of benchmark {benchmark!r} under {root} (see `oodcore list`)")
-    known = [r["arch"] for r in cached]
-    archs = list(archs or known)
-    unknown = [a for a in archs if a not in known]
-    if unknown:
-        raise C.CacheMissing(f"benchmark {benchmark!r} has no cached run for {', '.join(unknown)}; cached: {known}")
+    archs = C.benchmark_archs(root, benchmark, archs)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -138,13 +138,7 @@ def make_report(
 ) -> dict:
     """Write `out`/index.html, `out`/figures/*.{png,svg,csv}, `out`/img/*.jpg; returns {"index", "figures"}."""
     root, out = Path(root), Path(out)
-    cached = [r for r in C.list_runs(root) if r.get("benchmark") == benchmark]
-    if not cached:
-        raise C.CacheMissing(f"no cached run of benchmark {benchmark!r} under {root} (see `oodcore list`)")
-    known = [r["arch"] for r in cached]
-    archs = list(archs or known)
-    if any(a not in known for a in archs):
-        raise C.CacheMissing(f"benchmark {benchmark!r} has no cached run for {[a for a in archs if a not in known]}")
+    archs = C.benchmark_archs(root, benchmark, archs)
     for sub in ("figures", "img"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)

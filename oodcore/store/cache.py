@@ -239,6 +239,18 @@ def list_runs(root: Path, damaged: list | None = None) -> list[dict]:
     return sorted(runs, key=lambda r: (r.get("benchmark") != "demo", r.get("benchmark", ""), r.get("arch", "")))
 
 
+def benchmark_archs(root: Path, benchmark: str, archs: list[str] | None = None) -> list[str]:
+    """`archs` (default: every cached architecture of `benchmark`), each checked to have a usable run under `root`."""
+    known = [r["arch"] for r in list_runs(root) if r.get("benchmark") == benchmark]
+    if not known:
+        raise CacheMissing(f"no cached run of benchmark {benchmark!r} under {root} (see `oodcore list`)")
+    archs = list(archs or known)
+    unknown = [a for a in archs if a not in known]
+    if unknown:
+        raise CacheMissing(f"benchmark {benchmark!r} has no cached run for {', '.join(unknown)}; cached: {known}")
+    return archs
+
+
 def _split_arrays(arrays: dict[str, np.ndarray], with_features: bool) -> SplitArrays:
     return SplitArrays(
         logits=arrays["logits"],
