@@ -33,3 +33,19 @@ def demo_cache(tmp_path_factory):
 
         demo.build_demo(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, through Playwright), one per test module; skips when either is missing."""
+    from oodcore.cli.appserver import CHROMIUM
+
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oodcore.cli.appserver import streamlit_server
 from oodcore.cli.main import main
 from oodcore.data.folders import scan_image_folder
 from oodcore.extraction import demo, runner
@@ -599,59 +600,25 @@ def test_two_concurrent_runs_of_one_pair_both_finish_and_nothing_is_lost(tmp_pat
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_readonly_deployment_with_a_damaged_cache_in_a_browser(demo_cache, tmp_path):
+def test_readonly_deployment_with_a_damaged_cache_in_a_browser(demo_cache, tmp_path, browser):
     """Headless Chromium, Streamlit started outside the repository: a message on every page, no traceback, no path."""
-    import socket
-    import urllib.request
-
-    if not Path("/usr/bin/chromium").is_file():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
     root = tmp_path / "cache"
     shutil.copytree(demo_cache, root)
     garble(array_file(root, "ood", "logits"))
     elsewhere = tmp_path / "elsewhere"  # no .streamlit/config.toml here: the code's settings must hold
     elsewhere.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "OODCORE_CACHE": str(root), "OODCORE_READONLY": "1"}  # app.py's folder is on sys.path
-    argv = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true"]
-    argv += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(argv, cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.3)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-            page = browser.new_page()
-            for path in ("", "study", "curves", "odin_tuner", "misfires"):
-                page.goto(f"{url}/{path}")
-                page.get_by_text("cannot be read").first.wait_for(timeout=90_000)
-                time.sleep(0.5)
-                body = page.inner_text("body")
-                assert "demo · digits_cnn" in body and "verify --repair" in body, body
-                assert "Traceback" not in body and str(root) not in body and "/tmp" not in body, body
-                assert not page.locator('[data-testid="stException"]').count()
-            browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with streamlit_server(ROOT / "app.py", cwd=elsewhere, env=env, log=tmp_path / "server.log", timeout=90) as server:
+        page = browser.new_page()
+        for path in ("", "study", "curves", "odin_tuner", "misfires"):
+            page.goto(f"{server.url}/{path}")
+            page.get_by_text("cannot be read").first.wait_for(timeout=90_000)
+            time.sleep(0.5)
+            body = page.inner_text("body")
+            assert "demo · digits_cnn" in body and "verify --repair" in body, body
+            assert "Traceback" not in body and str(root) not in body and "/tmp" not in body, body
+            assert not page.locator('[data-testid="stException"]').count()
+        page.close()
 
 
 @pytest.mark.slow

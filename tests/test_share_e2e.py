@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from oodcore.cli.appserver import CHROMIUM, streamlit_server
 from tests.helpers import record
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
 PAGES = ("Leaderboard", "Study", "Curves", "ODIN tuner", "Misfires")
 NETWORK_ERRORS = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution", "timed out")
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess, pytest.mark.timeout(1200)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -42,60 +34,32 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 def measure_share_app(folder: Path, python: str, browser, shots: str | None = None) -> dict:
     """`streamlit run streamlit_app.py` with `python` from the share folder; open every page in Chromium.
 
     Returns first_render_seconds (process start to the leaderboard's first metric), rss_mb after each
     page, and whether the ODIN slider moved the metric; screenshots go to artifacts/<shots>-*.png.
     """
-    port = free_port()
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}  # nothing of ours
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "share-server.log", "w")
-    started = time.perf_counter()
-    cmd = [python, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
-    cmd += ["--server.address", "127.0.0.1", "--server.headless", "true"]
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url, out = f"http://127.0.0.1:{port}", {"rss_mb": {}}
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; see {log.name}")
-            time.sleep(0.2)
+    out = {"rss_mb": {}}
+    with streamlit_server(
+        "streamlit_app.py", cwd=folder, env=env, python=python, log=ARTIFACTS / "share-server.log", timeout=120
+    ) as server:
         page = browser.new_page(viewport={"width": 1440, "height": 1600})
         errors = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
+        page.goto(server.url)
         page.get_by_role("heading", name="Leaderboard").wait_for(timeout=600_000)
         page.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=600_000)
-        out["first_render_seconds"] = round(time.perf_counter() - started, 1)
+        out["first_render_seconds"] = round(time.perf_counter() - server.started, 1)
         for name in PAGES:
             if name != "Leaderboard":
                 page.locator('[data-testid="stSidebarNav"] a', has_text=name).click()
                 page.get_by_role("heading", name=name).wait_for(timeout=300_000)
             page.locator('[data-testid="stMetricValue"], .vega-embed').first.wait_for(timeout=300_000)
             time.sleep(2.0)  # let the page's charts and images finish
-            out["rss_mb"][name] = round(rss_mb(proc.pid), 1)
+            out["rss_mb"][name] = round(rss_mb(server.proc.pid), 1)
             if shots:
                 page.screenshot(path=str(ARTIFACTS / f"{shots}-{name.replace(' ', '_').lower()}.png"), full_page=True)
             if name == "ODIN tuner":
@@ -110,14 +74,6 @@ def measure_share_app(folder: Path, python: str, browser, shots: str | None = No
         out["max_rss_mb"] = max(out["rss_mb"].values())
         page.close()
         return out
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def measure_cli() -> None:

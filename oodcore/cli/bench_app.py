@@ -8,22 +8,13 @@ Chromium (Debian's /usr/bin/chromium through Playwright), timed until the Leader
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-CHROMIUM = Path("/usr/bin/chromium")
+from oodcore.cli.appserver import CHROMIUM, ServerDidNotStart, streamlit_server
+
 APP = Path(__file__).resolve().parents[2] / "app.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_cold_start(cache_dir: Path | None = None, timeout: float = 120.0, repeats: int = 3) -> dict:
@@ -54,39 +45,20 @@ def _cold_start_once(cache_dir: Path | None, timeout: float) -> dict:
 
         if not demo.is_built(root):
             demo.build_demo(root)  # the cached demo the measurement starts from; not timed
-        port = _free_port()
         env = {**os.environ, "OODCORE_CACHE": str(root)}
         env.pop("OODCORE_READONLY", None)
-        args = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true"]
-        args += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            started = time.perf_counter()
-            proc = subprocess.Popen(args, cwd=APP.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                url = f"http://127.0.0.1:{port}"
-                deadline = time.monotonic() + timeout
-                while True:
-                    try:
-                        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                            if r.status == 200:
-                                break
-                    except OSError:
-                        pass
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        return {"seconds": None, "note": "(streamlit did not start)"}
-                    time.sleep(0.1)
-                server_s = time.perf_counter() - started
-                page = browser.new_page()
-                page.goto(url)
-                page.get_by_role("heading", name="Leaderboard").wait_for(timeout=timeout * 1000)
-                page.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=timeout * 1000)
-                seconds = time.perf_counter() - started
+                with streamlit_server(APP, cwd=APP.parent, env=env, timeout=timeout) as server:
+                    page = browser.new_page()
+                    page.goto(server.url)
+                    page.get_by_role("heading", name="Leaderboard").wait_for(timeout=timeout * 1000)
+                    page.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=timeout * 1000)
+                    seconds = time.perf_counter() - server.started
+                    server_s = server.up - server.started
+            except ServerDidNotStart:
+                return {"seconds": None, "note": "(streamlit did not start)"}
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
                 browser.close()
     return {"seconds": round(seconds, 2), "server_up_seconds": round(server_s, 2)}

@@ -156,60 +156,38 @@ def leaderboard_render(root: Path, timeout: float = 600) -> float | None:
 
 def app_rss(root: Path, timeout: float = 600) -> dict:
     """`streamlit run app.py` on the study; RSS of the server process after the leaderboard has rendered."""
-    import socket
-    import urllib.request
+    from oodcore.cli.appserver import CHROMIUM, ServerDidNotStart, streamlit_server
 
     try:
         from playwright import sync_api
     except ImportError:
         return {"app_rss_mb": None, "note": "playwright is not installed"}
-    chromium = Path("/usr/bin/chromium")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OODCORE_CACHE": str(root)}
     env.pop("OODCORE_READONLY", None)
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
-    cmd += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return {"app_rss_mb": None, "note": "streamlit did not start"}
-                time.sleep(0.3)
-        idle = _rss_mb(proc.pid)
-        with sync_api.sync_playwright() as p:
-            kwargs = {"executable_path": str(chromium)} if chromium.is_file() else {}
-            browser = p.chromium.launch(args=["--no-sandbox"], **kwargs)
-            page = browser.new_page(viewport={"width": 1440, "height": 1800})
-            start = time.perf_counter()
-            page.goto(url)
-            page.get_by_role("heading", name="Leaderboard").wait_for(timeout=timeout * 1000)
-            page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=timeout * 1000)
-            seconds = time.perf_counter() - start
-            time.sleep(2)
-            rss, peak = _rss_mb(proc.pid), _rss_mb(proc.pid, "VmHWM")
-            browser.close()
-        return {
-            "app_rss_mb": rss,
-            "app_peak_rss_mb": peak,
-            "app_idle_rss_mb": idle,
-            "browser_leaderboard_seconds": round(seconds, 2),
-        }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with streamlit_server("app.py", cwd=repo, env=env, timeout=120) as server:
+            idle = _rss_mb(server.proc.pid)
+            with sync_api.sync_playwright() as p:
+                kwargs = {"executable_path": str(CHROMIUM)} if CHROMIUM.is_file() else {}
+                browser = p.chromium.launch(args=["--no-sandbox"], **kwargs)
+                page = browser.new_page(viewport={"width": 1440, "height": 1800})
+                start = time.perf_counter()
+                page.goto(server.url)
+                page.get_by_role("heading", name="Leaderboard").wait_for(timeout=timeout * 1000)
+                page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=timeout * 1000)
+                seconds = time.perf_counter() - start
+                time.sleep(2)
+                rss, peak = _rss_mb(server.proc.pid), _rss_mb(server.proc.pid, "VmHWM")
+                browser.close()
+    except ServerDidNotStart:
+        return {"app_rss_mb": None, "note": "streamlit did not start"}
+    return {
+        "app_rss_mb": rss,
+        "app_peak_rss_mb": peak,
+        "app_idle_rss_mb": idle,
+        "browser_leaderboard_seconds": round(seconds, 2),
+    }
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float | None:
