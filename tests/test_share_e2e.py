@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from oodcore.cli.appserver import CHROMIUM, streamlit_server
+from oodcore.cli.bench_rss import proc_status_mb
 from tests.helpers import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +29,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.subprocess, pyt
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    mb = proc_status_mb("VmRSS", pid)
+    return float("nan") if mb is None else mb
 
 
 def measure_share_app(folder: Path, python: str, browser, shots: str | None = None) -> dict:

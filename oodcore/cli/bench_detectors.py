@@ -153,7 +153,7 @@ def describe(result: dict) -> list[str]:
 
 
 _FIT_RSS_SCRIPT = """
-import json, resource, sys  # noqa: E401
+import json, sys  # noqa: E401
 import numpy as np
 from oodcore import detectors as M
 from oodcore.store.rundata import BenchmarkData, SplitArrays
@@ -167,19 +167,15 @@ q = SplitArrays(logits[:8].copy(), feats[:8].copy(), labels[:8].copy(), np.array
 data = BenchmarkData("s", "s", "full", [str(i) for i in range(k)], [str(i) for i in range(k)], q, q,
                      head_weight=w, head_bias=np.zeros(k, np.float32),
                      fit=SplitArrays(logits, feats, labels, np.array(["f"] * n_fit)))
-def status_mb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-before = status_mb("VmRSS")  # the inputs in RAM
+from oodcore.cli.bench_rss import own_peak_mb, proc_status_mb
+before = proc_status_mb("VmRSS") or own_peak_mb()  # the inputs in RAM
 try:  # reset the peak (VmHWM) so it measures fitting, not the construction of the inputs
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
 except OSError:
     pass
 M.get(method).score(data, data.id)
-print(json.dumps({"inputs_mb": before, "peak_mb": status_mb("VmHWM")}))
+print(json.dumps({"inputs_mb": before, "peak_mb": own_peak_mb()}))
 """
 
 

@@ -78,15 +78,21 @@ def measure(root: Path, n: int) -> float:
     return own_peak_mb()
 
 
-def own_peak_mb() -> float:
-    """This process's own peak RSS in MB (VmHWM; ru_maxrss where /proc is absent)."""
+def proc_status_mb(field: str, pid: int | str = "self") -> float | None:
+    """A memory figure of /proc/<pid>/status in MB (VmRSS, VmHWM, RssAnon, ...); None where it cannot be read."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def own_peak_mb() -> float:
+    """This process's own peak RSS in MB (VmHWM; ru_maxrss where /proc is absent)."""
+    peak = proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_rss(counts: tuple[int, ...] = (2000, 8000, 32000)) -> dict:

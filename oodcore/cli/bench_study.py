@@ -191,13 +191,10 @@ def app_rss(root: Path, timeout: float = 600) -> dict:
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    from oodcore.cli.bench_rss import proc_status_mb
+
+    mb = proc_status_mb(field, pid)
+    return None if mb is None else round(mb, 1)
 
 
 FIT_METHODS = ("mahalanobis", "vim", "knn", "nnguide")
@@ -241,9 +238,7 @@ def fit_peak(path: Path, method: str, n_query: int = 1000) -> dict:
         "from oodcore import detectors as M\n"
         "from oodcore.store.rundata import BenchmarkData, SplitArrays\n"
         "p, method, nq = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
-        "def status(field):\n"
-        "    line = [x for x in open('/proc/self/status') if x.startswith(field + ':')][0]\n"
-        "    return int(line.split()[1]) / 1024\n"
+        "from oodcore.cli.bench_rss import proc_status_mb as status\n"
         "peak = {'anon': 0.0}; done = threading.Event()\n"
         "def sample():\n"
         "    while not done.wait(0.01):\n"
