@@ -45,12 +45,6 @@ def machine() -> dict:
     return info
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def synthetic_benchmark(n_id: int = 50_000, n_ood: int = 2_000, k: int = 1000, d: int = 1280, seed: int = 0):
     """ImageNet-sized random logits/features with some ID/OOD separation (timing only)."""
     from oodcore.store.rundata import BenchmarkData, SplitArrays
@@ -77,36 +71,6 @@ def synthetic_benchmark(n_id: int = 50_000, n_ood: int = 2_000, k: int = 1000, d
         head_bias=np.zeros(k, np.float32),
         fit=split(min(n_id, 10_000), 0.0, rng.integers(0, k, min(n_id, 10_000))),
     )
-
-
-def bench_methods(data, n_boot: int, plain_img_s: float | None) -> dict:
-    """Every method + all metrics (with bootstrap CIs) from the cache."""
-    from oodcore import detectors as M
-    from oodcore.evaluation.metrics import evaluate
-
-    rows = {}
-    total = 0.0
-    for method in M.available_methods(data):
-        t_score, (s_id, s_ood) = _timed(lambda: method.score_id_ood(data))
-        t_metric, _ = _timed(lambda: evaluate(s_id, s_ood, n_boot=n_boot))
-        rows[method.name] = {"score_s": t_score, "metrics_s": t_metric}
-        total += t_score + t_metric
-    n = len(data.id) + len(data.ood)
-    out = {
-        "samples": n,
-        "n_id": len(data.id),
-        "n_ood": len(data.ood),
-        "classes": data.n_classes,
-        "feature_dim": None if data.id.features is None else data.id.features.shape[1],
-        "bootstrap": n_boot,
-        "methods": rows,
-        "total_s": total,
-    }
-    if plain_img_s:
-        out["plain_rerun_estimate_s"] = len(rows) * n / plain_img_s
-        out["ratio_vs_rerun_estimate"] = out["plain_rerun_estimate_s"] / total
-        out["note"] = "the plain way re-runs the network once per method; estimated from the measured plain img/s"
-    return out
 
 
 def bench_slider(n: int = 12_000, repeats: int = 20) -> dict:
