@@ -104,6 +104,8 @@ def test_a_silently_altered_table_is_caught_by_its_checksum_and_by_verify(run_co
     raw[-3] ^= 0xFF  # same size, one value changed: only the recorded xxh3 checksum can tell
     (table / "dist.npy").write_bytes(bytes(raw))
     assert main(["verify", "--cache-dir", str(run_copy)]) == 1
+    assert cache.verify_run(run_copy, "demo", "digits_cnn") == []  # readers of the run are not stopped by it
+    assert cache.verify_run(run_copy, "demo", "digits_cnn", fitted=True)
     again, store2 = _load(run_copy)
     assert np.array_equal(np.r_[first], np.r_[M.get("knn").score_id_ood(again, k=5)])  # recomputed, not served
     assert "knn.table/id" not in store2.loaded

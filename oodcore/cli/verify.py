@@ -47,7 +47,7 @@ def run_verify(args) -> int:
         return 0
     bad = 0
     for benchmark, arch in targets:
-        problems = cache.verify_run(root, benchmark, arch, full=True)
+        problems = cache.verify_run(root, benchmark, arch, full=True, fitted=True)
         if args.repair:  # damaged fitted states are refitted on next use: removing them repairs them
             for exc in [e for e in problems if e.repair == cache.FITTED_REPAIR and e.path]:
                 damaged = Path(exc.path)
@@ -65,12 +65,12 @@ def run_verify(args) -> int:
                 cache.migrate_v1(cache.arch_dir(root, benchmark, arch))
             except cache.CacheError as exc:
                 print(f"{benchmark} · {arch}: cannot convert: {exc}")
-            problems = cache.verify_run(root, benchmark, arch, full=True)
+            problems = cache.verify_run(root, benchmark, arch, full=True, fitted=True)
         if problems and args.repair and benchmark == demo.BENCHMARK and arch == demo.ARCH:
             for exc in problems:
                 print(f"{benchmark} · {arch}: {exc.what}: recomputing")
             demo.build_demo(root, log=lambda m: None)
-            problems = cache.verify_run(root, benchmark, arch, full=True)
+            problems = cache.verify_run(root, benchmark, arch, full=True, fitted=True)
             if not problems:
                 print(f"{benchmark} · {arch}: repaired")
                 continue

@@ -162,8 +162,8 @@ def _loaders() -> dict[str, Callable]:
                 # the report stored beside the run when it is current (no array is read, but the run's
                 # files are verified first, so a damaged run is named here as on every other page);
                 # otherwise computed from the run's data and stored for the next reader (unless read-only)
-                # size always, checksum once per process; a damaged fitted state or table is recomputed on use
-                problems = C.verify_run(Path(root), benchmark, arch, full=False, fitted=False)
+                # size always, checksum once per process (fitted states and tables are recomputed on use)
+                problems = C.verify_run(Path(root), benchmark, arch, full=False)
                 if problems:
                     raise problems[0]
                 return stored_report(

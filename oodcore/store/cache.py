@@ -191,10 +191,10 @@ def artifact_ok(folder: Path, name: str, previous: dict | None, say=None) -> boo
     return True
 
 
-def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True, fitted: bool = True) -> list[CacheError]:
+def verify_run(root: Path, benchmark: str, arch: str, *, full: bool = True, fitted: bool = False) -> list[CacheError]:
     """Every problem of one run: its run.json, each artifact (size + checksum), its trained detectors, and (with
-    `fitted`) its stored fitted states and tables, which are recomputed on use when damaged, so a reader
-    that only needs the run itself passes fitted=False."""
+    `fitted`, as `oodcore verify` asks) its stored fitted states and tables. Those are recomputed on use when
+    damaged, so a reader that needs the run itself (the app, `train`, the demo's check) is never stopped by them."""
     folder = arch_dir(root, benchmark, arch)
     try:
         run = _parse_run(folder / RUN_FILE, benchmark, arch)
