@@ -57,6 +57,21 @@ def build(kind: str) -> None:
         st.error(f"Could not build it: {type(exc).__name__}: {exc}")
 
 
+def offer_download(kind: str) -> None:
+    """The last built `kind` ("app" or "report") of this session: its note and its zip to download."""
+    made = st.session_state.get(f"share.{kind}")
+    if made:
+        st.caption(made["note"])
+        st.download_button(
+            f"Download the {kind} (zip)",
+            made["zip"],
+            file_name=f"{made['name']}.zip",
+            mime="application/zip",
+            icon=":material/download:",
+            key=f"share.dl_{kind}",
+        )
+
+
 left, right = st.columns(2)
 with left:
     st.subheader("Read-only app")
@@ -73,17 +88,7 @@ with left:
     )
     if st.button("Build the app folder", key="share.build_app", icon=":material/deployed_code:"):
         build("app")
-    made = st.session_state.get("share.app")
-    if made:
-        st.caption(made["note"])
-        st.download_button(
-            "Download the app (zip)",
-            made["zip"],
-            file_name=f"{made['name']}.zip",
-            mime="application/zip",
-            icon=":material/download:",
-            key="share.dl_app",
-        )
+    offer_download("app")
 with right:
     st.subheader("Static report")
     st.caption(
@@ -92,14 +97,4 @@ with right:
     )
     if st.button("Build the report", key="share.build_report", icon=":material/description:"):
         build("report")
-    made = st.session_state.get("share.report")
-    if made:
-        st.caption(made["note"])
-        st.download_button(
-            "Download the report (zip)",
-            made["zip"],
-            file_name=f"{made['name']}.zip",
-            mime="application/zip",
-            icon=":material/download:",
-            key="share.dl_report",
-        )
+    offer_download("report")

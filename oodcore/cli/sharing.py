@@ -15,9 +15,7 @@ def add_parsers(sub, add_cache) -> None:
         description="Entry script, read-only pages, the light oodcore modules, requirements.txt without torch, "
         ".streamlit/config.toml, a README and a compact bundle (files under 50 MB, no pickle).",
     )
-    p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
-    p.add_argument("--arch", default=None, help="comma-separated architectures (default: every cached one)")
-    p.add_argument("--out", required=True, help="output folder (made; an earlier share folder there is replaced)")
+    _add_target(p, "output folder (made; an earlier share folder there is replaced)")
     p.add_argument(
         "--with-features",
         action="store_true",
@@ -32,11 +30,16 @@ def add_parsers(sub, add_cache) -> None:
         description="Leaderboard with 95%% CIs, AUROC/AUPR-Out/FPR@95 per architecture for each method, ODIN "
         "T x eps heatmaps, ID top-1 vs AUROC, ROC overlays and the top misfire thumbnails.",
     )
-    p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
-    p.add_argument("--arch", default=None, help="comma-separated architectures (default: every cached one)")
-    p.add_argument("--out", required=True, help="output folder")
+    _add_target(p, "output folder")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for 95%% CIs (0 = none)")
     add_cache(p)
+
+
+def _add_target(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--benchmark, --arch and --out, as both commands take them."""
+    p.add_argument("--benchmark", required=True, help="benchmark name, as `list` shows it (e.g. demo)")
+    p.add_argument("--arch", default=None, help="comma-separated architectures (default: every cached one)")
+    p.add_argument("--out", required=True, help=out_help)
 
 
 def _archs(spec: str | None) -> list[str] | None:
