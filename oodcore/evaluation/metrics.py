@@ -5,9 +5,10 @@ Conventions: OOD is the positive class and a higher score means more OOD.
 Every metric is computed by one core, :func:`weighted_metrics`, from per-sample
 weights over the pooled scores sorted once (descending).  The point estimate
 uses unit weights; each bootstrap replicate is just another row of integer
-(multinomial) count weights.  So the bootstrap needs no re-sorting, runs as a
-few array operations over a B x N matrix, and is exact by construction: its
-per-replicate numbers equal scikit-learn on the explicitly resampled arrays.
+(multinomial) count weights.  So the bootstrap needs no re-sorting, and its
+per-replicate numbers equal scikit-learn on the explicitly resampled arrays.  The
+bootstrap computes the core's numbers without forming the B x N weights
+(`oodcore.evaluation.replicates`: one chunked pass down the ID tie groups).
 
 Tie handling matches scikit-learn: thresholds are the distinct scores, samples
 sharing a score enter the curves together (one "tie group"), which makes AUROC
@@ -16,12 +17,12 @@ the Mann-Whitney statistic with ties counted 1/2.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 
-from oodcore.evaluation.resample import bootstrap_counts, bootstrap_indices, bootstrap_weights, first_true
+from oodcore.evaluation.replicates import replicate_metrics
+from oodcore.evaluation.resample import bootstrap_indices, bootstrap_weights, first_true
 
 __all__ = [
     "METRIC_NAMES",
@@ -63,10 +64,6 @@ METRIC_DESCRIPTIONS = {
 LOWER_IS_BETTER = {"fpr95", "fpr95_in"}
 
 _TPR_LEVEL = 0.95
-# Elements per B x N float64 temporary in the bootstrap (replicates per chunk =
-# this // N).  2M elements = 16 MB each; measured peak for 50k ID + 2k OOD: ~130 MB.
-_CHUNK_ELEMS = 2_000_000
-_THREADS = max(1, min(2, os.cpu_count() or 1))  # bootstrap chunks in parallel (numpy releases the GIL)
 
 
 # --------------------------------------------------------------------------- input
@@ -232,18 +229,7 @@ def _metrics_from_prefix(c_id: np.ndarray, c_ood: np.ndarray, id_groups=None, oo
     # ---- OOD side (OOD positive, higher score = more OOD) ------------------------
     co_before, co = sel(c_ood, ood_groups)
     ci_before, ci = sel(c_id, ood_groups)
-    d_ood = co - co_before
-    # AUROC = P(s_ood > s_id) + 1/2 P(tie): per unit of OOD weight, the ID weight strictly
-    # below plus half the tied ID, i.e. t_id - (ci_before + ci) / 2.  This equals the
-    # trapezoid over tie-group ROC points; kept in counts so integer weights are exact.
-    auroc = (d_ood * (2.0 * t_id[:, None] - ci_before - ci)).sum(axis=1) / (2.0 * t_id * t_ood)
-    # AP (OOD+): sum over thresholds of recall step x precision there.
-    tot = co + ci
-    prec = np.divide(co, tot, out=np.zeros_like(tot), where=tot > 0)
-    aupr_out = (d_ood * prec).sum(axis=1) / t_ood
-    # FPR@95 (OOD+): first threshold from the top with tpr >= 0.95.
-    k95 = first_true(lambda r, j: co[r, j] / t_ood[r] >= _TPR_LEVEL, b, co.shape[1])
-    fpr95 = ci[rows, k95] / t_id
+    out = _ood_side(co_before, co, ci_before, ci, t_id, t_ood)
 
     # ---- ID side (ID positive, score negated) -------------------------------------
     # Thresholds ascend, so "called ID at group g" means score <= u_g: everything
@@ -264,13 +250,28 @@ def _metrics_from_prefix(c_id: np.ndarray, c_ood: np.ndarray, id_groups=None, oo
     prec_in = np.divide(id_le, tot_le, out=id_le, where=tot_le > 0)
     aupr_in = np.multiply(d_id, prec_in, out=d_id).sum(axis=1) / t_id
 
-    return {
-        "auroc": auroc,
-        "aupr_out": aupr_out,
-        "aupr_in": aupr_in,
-        "fpr95": fpr95,
-        "fpr95_in": fpr95_in,
-    }
+    out["aupr_in"] = aupr_in
+    out["fpr95_in"] = fpr95_in
+    return out
+
+
+def _ood_side(co_before, co, ci_before, ci, t_id, t_ood) -> dict[str, np.ndarray]:
+    """AUROC, AUPR-Out and FPR@95 (OOD positive) from the class weights before / through each OOD-holding
+    tie group (B x K each; the bootstrap's replicate path passes the same quantities, `replicates`)."""
+    b = co.shape[0]
+    d_ood = co - co_before
+    # AUROC = P(s_ood > s_id) + 1/2 P(tie): per unit of OOD weight, the ID weight strictly
+    # below plus half the tied ID, i.e. t_id - (ci_before + ci) / 2.  This equals the
+    # trapezoid over tie-group ROC points; kept in counts so integer weights are exact.
+    auroc = (d_ood * (2.0 * t_id[:, None] - ci_before - ci)).sum(axis=1) / (2.0 * t_id * t_ood)
+    # AP (OOD+): sum over thresholds of recall step x precision there.
+    tot = co + ci
+    prec = np.divide(co, tot, out=np.zeros_like(tot), where=tot > 0)
+    aupr_out = (d_ood * prec).sum(axis=1) / t_ood
+    # FPR@95 (OOD+): first threshold from the top with tpr >= 0.95.
+    k95 = first_true(lambda r, j: co[r, j] / t_ood[r] >= _TPR_LEVEL, b, co.shape[1])
+    fpr95 = ci[np.arange(b), k95] / t_id
+    return {"auroc": auroc, "aupr_out": aupr_out, "fpr95": fpr95}
 
 
 def compute_metrics(scores_id, scores_ood, pooled: PooledSort | None = None) -> dict[str, float]:
@@ -294,40 +295,17 @@ def bootstrap_replicates(
     :func:`bootstrap_indices`.  Each replicate is a row of count weights (drawn once per class
     sizes and shared by every score vector, see `_bootstrap_counts`), placed straight into the
     pooled sort order (= :func:`bootstrap_weights` scattered): no replicate re-sorts, and
-    `pooled` (the scores' PooledSort, e.g. from the point estimate) is sorted once.  Rows go
-    through the same core as :func:`compute_metrics` in chunks (two threads when the cores
-    allow), so memory stays bounded (~a few hundred MB) whatever n_boot is.
+    `pooled` (the scores' PooledSort, e.g. from the point estimate) is sorted once.  The
+    replicates' metrics are the core's (:func:`weighted_metrics` on those weights), computed
+    down the ID tie groups in cache-sized chunks, replicate blocks side by side on the cores
+    (`oodcore.evaluation.replicates`): memory stays at a few MB besides the shared counts.
     """
     n_boot = int(n_boot)
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     ps = pooled if pooled is not None else sort_pooled(scores_id, scores_ood)
-    n_id, n_ood, n = ps.pos_id.size, ps.pos_ood.size, ps.scores.size
-    c_id, c_ood = bootstrap_counts(n_id, n_ood, n_boot, seed)
-    chunk = max(1, min(n_boot, _CHUNK_ELEMS // n))
-    out = {k: np.empty(n_boot) for k in METRIC_NAMES}
-
-    def run(start: int) -> None:
-        stop = min(start + chunk, n_boot)
-        w_id = np.zeros((stop - start, n))
-        w_ood = np.zeros((stop - start, n))
-        w_id[:, ps.pos_id] = c_id[start:stop]
-        w_ood[:, ps.pos_ood] = c_ood[start:stop]
-        m = _weighted_metrics(ps.group_ends, w_id, w_ood, ps.id_groups, ps.ood_groups)
-        for name in METRIC_NAMES:
-            out[name][start:stop] = m[name]
-
-    starts = list(range(0, n_boot, chunk))
-    workers = min(_THREADS, len(starts))
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, starts))
-    else:
-        for start in starts:
-            run(start)
-    return out
+    reps = replicate_metrics(ps, n_boot, seed, _ood_side)
+    return {k: reps[k] for k in METRIC_NAMES}
 
 
 def bootstrap_ci(
