@@ -59,6 +59,28 @@ def test_ash_and_scale_by_hand(variant, p):
         assert M.get(name).score(data, split, p=p) == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("p", [30.0, 85.0])
+def test_scale_rescales_the_cached_logits_only_when_they_are_the_heads_output(p):
+    """SCALE reads a split's cached logits when they are the head's output on its features, and otherwise
+    multiplies the scaled features by the head: both paths give the hand computation."""
+    from oodcore.detectors import shaping
+
+    data = feature_data(d=8)
+    w, b = head_of(data)
+    expected = energy(hand_shape(data.id.features, p, "scale") @ w.T + b)
+    state = M.get("scale").state(data)
+    assert shaping.head_logits(state, data.id) is data.id.logits
+    assert M.get("scale").score(data, data.id, p=p) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    rng = np.random.default_rng(1)
+    for other in (  # logits that are not this head's output: another head, or reduced precision
+        data.id.logits + rng.normal(0, 1, data.id.logits.shape),
+        (data.id.logits * 50).astype(np.float16).astype(np.float64) / 50 + 0.05,
+    ):
+        odd = dataclasses.replace(data.id, logits=other)
+        assert shaping.head_logits(state, odd) is None
+        assert M.get("scale").score(data, odd, p=p) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
 def test_ash_keeps_exactly_k_on_ties():
     data = feature_data(d=6)
     f = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])

@@ -46,19 +46,25 @@ def machine() -> dict:
 
 
 def synthetic_benchmark(n_id: int = 50_000, n_ood: int = 2_000, k: int = 1000, d: int = 1280, seed: int = 0):
-    """ImageNet-sized random logits/features with some ID/OOD separation (timing only)."""
+    """ImageNet-sized random features with some ID/OOD separation and the logits of a linear head on them
+    (timing only).  As in a real cache, the logits are the head's output on the cached features: a row's
+    features are non-negative (post-ReLU) and lean towards its class's weights, raising that logit by ~6."""
     from oodcore.store.rundata import BenchmarkData, SplitArrays
 
     rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((k, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    bias = np.zeros(k, np.float32)
+    lean = np.maximum(weight, 0) * np.float32(12.0)  # f += lean[y]: logit y gains 12 Σ relu(w)·w ≈ 6
 
     def split(n, shift, labels):
-        feats = np.abs(rng.standard_normal((n, d), dtype=np.float32)) * (1 + shift)
-        logits = rng.standard_normal((n, k), dtype=np.float32) * 2
-        logits[np.arange(n), labels % k] += 6 * (1 - shift)
+        feats = np.abs(rng.standard_normal((n, d), dtype=np.float32)) * np.float32(1 + shift)
+        toward = labels if shift == 0 else rng.integers(0, k, n)  # OOD rows lean half as far, to a random class
+        for sl in (slice(i, i + 4096) for i in range(0, n, 4096)):
+            feats[sl] += lean[toward[sl]] * np.float32(1 - shift)
+        logits = feats @ weight.T + bias
         return SplitArrays(logits, feats, labels, np.asarray([f"x/{i}" for i in range(n)]))
 
     id_labels = rng.integers(0, k, n_id)
-    weight = rng.standard_normal((k, d), dtype=np.float32) / np.sqrt(d)
     return BenchmarkData(
         "synthetic",
         "synthetic",
@@ -68,7 +74,7 @@ def synthetic_benchmark(n_id: int = 50_000, n_ood: int = 2_000, k: int = 1000, d
         split(n_id, 0.0, id_labels),
         split(n_ood, 0.5, np.full(n_ood, -1)),
         head_weight=weight,
-        head_bias=np.zeros(k, np.float32),
+        head_bias=bias,
         fit=split(min(n_id, 10_000), 0.0, rng.integers(0, k, min(n_id, 10_000))),
     )
 

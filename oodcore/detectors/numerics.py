@@ -54,6 +54,19 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
     return m[:, 0] + np.log(z.sum(axis=1))
 
 
+def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """logsumexp(factor (z - b) + b) per row of one chunk of a linear head's outputs z = f W^T + b (float64):
+    the log-sum-exp of the head on the rows' features scaled by `factor`, without the product."""
+    z = np.array(logits, dtype=np.float64)
+    z -= b
+    z *= np.asarray(factor, dtype=np.float64)[:, None]
+    z += b
+    m = z.max(axis=1, keepdims=True)
+    z -= m
+    np.exp(z, out=z)
+    return m[:, 0] + np.log(z.sum(axis=1))
+
+
 def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability (row chunks, float64)."""
     x = np.asarray(logits)

@@ -9,17 +9,21 @@ a slider never refits); OptFS fits its bin weights in closed form on the ID fit 
 
 Per row, ASH and SCALE need only the k-th largest activation and the sum of the k largest:
 one sort per row gives both for every whole percentage (`_row_table`, kept beside the state
-per split), so a slider move reads a column instead of re-sorting.
+per split), so a slider move reads a column instead of re-sorting.  SCALE only rescales a row, so
+when a split's cached logits are this head's output on its features (a cache's own logits: checked
+once per split on a sample of rows) it rescales the logits instead of multiplying by the head again.
 numpy only.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import affine_logsumexp, map_row_chunks, row_chunks
+from oodcore.detectors.numerics import affine_logsumexp, map_row_chunks, rescaled_logsumexp, row_chunks
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
 
@@ -98,9 +102,45 @@ def fit_head(ctx: FitContext) -> dict:
             "w_t": np.asarray(w, dtype=np.float32).T,
             "b": np.asarray(b, np.float64),
             "memo": ctx.row_memo("shaping"),
+            "head_check": ctx.row_memo("~head_logits"),  # per split: are its logits this head's output?
         }
 
     return ctx.shared("shaping_head", build)
+
+
+HEAD_RTOL = 1e-3  # |cached logit - f W^T - b| allowed, relative to the row's largest |logit| (at least 1)
+HEAD_CHECK_ROWS = 256
+
+
+def head_logits(state: dict, rows: SplitArrays) -> np.ndarray | None:
+    """The split's cached logits when they are the head's output on its cached features, else None.
+
+    True of a cache's own splits (the logits and the pooled features come from the same forward pass;
+    float32 rounding is far inside the tolerance); not of protocol-masked or reduced-precision logits, nor
+    of a network whose logits are not a linear function of the cached features.  Checked once per split on
+    up to 256 rows spread over it.
+    """
+    logits, feats = rows.logits, rows.features
+    if logits is None or feats is None or logits.shape[1] != state["w_t"].shape[1]:
+        return None
+
+    def check() -> tuple:
+        n = len(feats)
+        idx = np.unique(np.linspace(0, n - 1, min(n, HEAD_CHECK_ROWS)).astype(np.int64))
+        z = np.asarray(np.asarray(feats[idx], dtype=np.float32) @ state["w_t"], dtype=np.float64) + state["b"]
+        cached = np.asarray(logits[idx], dtype=np.float64)
+        scale = np.maximum(1.0, np.abs(cached).max(axis=1, keepdims=True))
+        ok = bool(np.all(np.abs(z - cached) <= HEAD_RTOL * scale))
+        try:
+            return weakref.ref(feats), ok
+        except TypeError:  # not weak-referenceable: checked again on every call (256 rows)
+            return (lambda: None), ok
+
+    # memoised per logits array, for the features array it was checked against
+    of, ok = state["head_check"].get("matches", logits, check)
+    if of() is not feats:
+        of, ok = check()
+    return logits if ok else None
 
 
 def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
@@ -213,6 +253,11 @@ def scale(state, rows, p):
     _, s2, s1 = _topk(state, feats, k)
     factor = np.exp(s1 / s2)
     out = np.empty(n)
+    logits = head_logits(state, rows)
+    if logits is not None:  # (f r) W^T + b = r (f W^T) + (b - r b): the cached logits, rescaled
+        for sl in row_chunks(n, 2 * logits.shape[1]):
+            out[sl] = -rescaled_logsumexp(logits[sl], factor[sl], state["b"])
+        return out
 
     def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32) * factor[sl].astype(np.float32)[:, None]
