@@ -14,7 +14,7 @@ import numpy as np
 
 from oodcore.detectors.features import fit_moments, split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import row_chunks, slider_values
+from oodcore.detectors.numerics import map_row_chunks, row_chunks, slider_values
 from oodcore.detectors.registry import Param, register
 from oodcore.detectors.search import QUERY_BATCH, Bank, normalised32
 
@@ -84,7 +84,8 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     means_t = np.ascontiguousarray(state["means_w"].T.astype(np.float32))
     m_sq = np.einsum("ij,ij->i", state["means_w"], state["means_w"])
     out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], 8, min_rows=512):
+
+    def rows(sl: slice) -> None:
         y = (np.asarray(features[sl], dtype=np.float32) - mu0) @ lw
         y_sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
         md = np.asarray(y @ means_t, dtype=np.float64)  # = y_sq - 2 y·m + m_sq, in place, in that order
@@ -92,6 +93,8 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
         md += y_sq[:, None]
         md += m_sq[None, :]
         out[sl] = np.maximum(md.min(axis=1), 0.0)
+
+    map_row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], rows, min_rows=512)
     return out
 
 
@@ -100,9 +103,12 @@ def _background_distance(features: np.ndarray, background: dict) -> np.ndarray:
     mu0 = background["mu0"].astype(np.float32)
     l0 = background["L"].astype(np.float32)
     out = np.empty(len(features))
-    for sl in row_chunks(len(features), features.shape[1] + l0.shape[1], 4, min_rows=512):
+
+    def rows(sl: slice) -> None:
         y0 = (np.asarray(features[sl], dtype=np.float32) - mu0) @ l0
         out[sl] = np.einsum("ij,ij->i", y0, y0, dtype=np.float64)
+
+    map_row_chunks(len(features), features.shape[1] + l0.shape[1], rows, 4, min_rows=512)
     return out
 
 

@@ -17,6 +17,7 @@ from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import (
     log_softmax,
     logsumexp,
+    map_row_chunks,
     max_softmax,
     row_chunks,
     softmax_parts,
@@ -111,9 +112,12 @@ def entropy(state, rows):
     """
     logits = np.asarray(rows.logits)
     out = np.empty(len(logits))
-    for sl in row_chunks(len(logits), 4 * logits.shape[1]):
+
+    def chunk(sl: slice) -> None:
         parts = softmax_parts(np.asarray(logits[sl], dtype=np.float64))
         out[sl] = -(parts["p"] * parts["lp"]).sum(axis=1)
+
+    map_row_chunks(len(logits), 4 * logits.shape[1], chunk)
     return out
 
 
@@ -153,9 +157,10 @@ def gen(state, rows, gamma, M):
 
     logits = np.asarray(rows.logits)
     out = np.empty(len(logits))
-    for sl in row_chunks(len(logits), 4 * k):
+
+    def chunk(sl: slice) -> None:
         z = np.asarray(logits[sl], dtype=np.float64)
-        parts = softmax_parts(z)
+        parts = softmax_parts(z, full=False)
         if m < k:  # the m largest probabilities (their order is irrelevant to the sum)
             idx = np.argpartition(z, k - m, axis=1)[:, k - m :]
             z = np.take_along_axis(z, idx, axis=1)
@@ -166,6 +171,8 @@ def gen(state, rows, gamma, M):
         with np.errstate(divide="ignore"):
             log_q = np.where(is_top, parts["log_rest"][:, None], np.log(-np.expm1(lp)))  # log(1 - p)
         out[sl] = np.exp(gamma * (lp + log_q)).sum(axis=1)
+
+    map_row_chunks(len(logits), 4 * k, chunk)
     return out
 
 
@@ -210,11 +217,14 @@ def kl_matching(state, rows):
     log_d_t = np.ascontiguousarray(state["log_d"].T, dtype=np.float32)  # (K, C')
     logits = np.asarray(rows.logits)
     out = np.empty(len(logits))
-    for sl in row_chunks(len(logits), 4 * logits.shape[1] + log_d_t.shape[1]):
+
+    def chunk(sl: slice) -> None:
         parts = softmax_parts(np.asarray(logits[sl], dtype=np.float64))
         neg_h = (parts["p"] * parts["lp"]).sum(axis=1)
         cross = (parts["p"].astype(np.float32) @ log_d_t).max(axis=1)  # the one big product, in float32
         out[sl] = neg_h - cross.astype(np.float64)
+
+    map_row_chunks(len(logits), 4 * logits.shape[1] + log_d_t.shape[1], chunk, min_rows=256)
     return out
 
 
@@ -301,8 +311,11 @@ def log_one_minus_msp(logits: np.ndarray, temperature: float = 1.0) -> np.ndarra
     if k < 2:
         return np.zeros(n)
     out = np.empty(n)
-    for sl in row_chunks(n, 3 * k):
-        out[sl] = softmax_parts(np.asarray(logits[sl], dtype=np.float64) / temperature)["log_rest"]
+
+    def chunk(sl: slice) -> None:
+        out[sl] = softmax_parts(np.asarray(logits[sl], dtype=np.float64) / temperature, full=False)["log_rest"]
+
+    map_row_chunks(n, 3 * k, chunk)
     return out
 
 

@@ -33,8 +33,11 @@ def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.nd
     x = np.asarray(x)
     if x.ndim == 2 and axis in (1, -1):
         out = np.empty(len(x))
-        for sl in row_chunks(len(x), x.shape[1]):
+
+        def rows(sl: slice) -> None:
             out[sl] = _lse_rows(x[sl], scale)[1]
+
+        map_row_chunks(len(x), x.shape[1], rows)
         return out
     z = np.asarray(x, dtype=np.float64)
     if scale is not None:
@@ -71,9 +74,12 @@ def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability (row chunks, float64)."""
     x = np.asarray(logits)
     out = np.empty(len(x))
-    for sl in row_chunks(len(x), x.shape[1]):
+
+    def rows(sl: slice) -> None:
         m, lse = _lse_rows(x[sl], temperature)
         out[sl] = np.exp(m - lse)
+
+    map_row_chunks(len(x), x.shape[1], rows)
     return out
 
 
@@ -134,11 +140,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - logsumexp(z)[:, None]
 
 
-def softmax_parts(z: np.ndarray) -> dict:
+def softmax_parts(z: np.ndarray, full: bool = True) -> dict:
     """One exp pass over float64 logits z (n, k): everything the softmax methods need, exactly.
 
-    top: argmax; lse: logsumexp(z); p: softmax(z); lp: log softmax(z);
-    log_rest: log(1 - p_top) = log sum_{j != top} p_j, computed from the sum of the
+    top: argmax; lse: logsumexp(z); p: softmax(z); lp: log softmax(z) (these two (n, k) arrays only
+    with `full`); log_rest: log(1 - p_top) = log sum_{j != top} p_j, computed from the sum of the
     *other* exponentials, so it stays exact (and finite) when p_top rounds to 1.0.
     """
     rows = np.arange(len(z))
@@ -148,7 +154,6 @@ def softmax_parts(z: np.ndarray) -> dict:
     e[rows, top] = 0.0
     rest = e.sum(axis=1)
     e[rows, top] = 1.0
-    total = 1.0 + rest
     lse = m + np.log1p(rest)
     with np.errstate(divide="ignore"):
         log_rest = np.log(rest) - np.log1p(rest)
@@ -157,7 +162,11 @@ def softmax_parts(z: np.ndarray) -> dict:
         others = z[lost].copy()
         others[np.arange(len(lost)), top[lost]] = -np.inf
         log_rest[lost] = logsumexp(others) - m[lost]
-    return {"top": top, "lse": lse, "p": e / total[:, None], "lp": z - lse[:, None], "log_rest": log_rest}
+    parts = {"top": top, "lse": lse, "log_rest": log_rest}
+    if full:
+        parts["p"] = np.divide(e, (1.0 + rest)[:, None], out=e)
+        parts["lp"] = z - lse[:, None]
+    return parts
 
 
 def ladder(low: float, high: float, extra: Iterable[float] = ()) -> list[float]:
