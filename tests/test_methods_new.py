@@ -81,6 +81,29 @@ def test_scale_rescales_the_cached_logits_only_when_they_are_the_heads_output(p)
         assert M.get("scale").score(data, odd, p=p) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["b", "p", "s"])
+def test_ash_sparse_product_equals_the_dense_one(variant, monkeypatch):
+    """At a high p the pruned rows go through scipy's CSR product: the same energies as the dense product
+    (float32 sums in another order), and the hand computation."""
+    from oodcore.detectors import shaping
+
+    data = feature_data(d=64, n_id=200, n_ood=100)
+    name = f"ash_{variant}"
+    w, b = head_of(data)
+    expected = energy(hand_shape(data.id.features, 97.0, variant) @ w.T + b)
+    calls = []
+    real = shaping._sparse_energy
+    monkeypatch.setattr(shaping, "_sparse_energy", lambda *a: calls.append(1) or real(*a))
+    sparse = M.get(name).score(data, data.id, p=97.0)  # 2 of 64 kept: within SPARSE_KEPT
+    n_sparse = len(calls)
+    assert n_sparse > 0
+    monkeypatch.setattr(shaping, "_sparse_module", lambda: None)  # the light core: no scipy
+    dense = M.get(name).score(data, data.id, p=97.0)
+    assert len(calls) == n_sparse  # the dense product this time
+    assert sparse == pytest.approx(dense, rel=1e-6, abs=1e-6)
+    assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
 def test_ash_keeps_exactly_k_on_ties():
     data = feature_data(d=6)
     f = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])

@@ -14,7 +14,7 @@ import numpy as np
 
 from oodcore.detectors.features import _chunked_mean, class_sums, split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import row_chunks
+from oodcore.detectors.numerics import map_row_chunks
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
 
@@ -65,11 +65,14 @@ def nci(state, rows, alpha):
     feats = split_features(rows)
     preds = _preds(rows)
     out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), 3 * feats.shape[1]):
+
+    def chunk(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float64)
         z = f - state["mu"]
         proj = np.einsum("ij,ij->i", z, state["w"][preds[sl]]) / np.maximum(np.linalg.norm(z, axis=1), 1e-12)
         out[sl] = -proj - float(alpha) * np.abs(f).sum(axis=1)
+
+    map_row_chunks(len(feats), 3 * feats.shape[1], chunk)
     return out
 
 
@@ -107,12 +110,15 @@ def fdbd(state, rows):
     preds = _preds(rows)
     k = logits.shape[1]
     out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), 3 * max(k, feats.shape[1])):
+
+    def chunk(sl: slice) -> None:
         lg = np.asarray(logits[sl], dtype=np.float64)
         gap = np.abs(lg - lg[np.arange(len(lg)), preds[sl]][:, None])
         boundary = (gap / state["pair_dist"][preds[sl]]).sum(axis=1) / max(k - 1, 1)
         dist = np.maximum(np.linalg.norm(np.asarray(feats[sl], dtype=np.float64) - state["mu"], axis=1), 1e-8)
         out[sl] = -boundary / dist
+
+    map_row_chunks(len(feats), 3 * max(k, feats.shape[1]), chunk)
     return out
 
 
@@ -155,7 +161,10 @@ def caref(state, rows):
     feats = split_features(rows)
     preds = _preds(rows)
     out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), 2 * feats.shape[1]):
+
+    def chunk(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float64)
         out[sl] = np.abs(f - state["means"][preds[sl]]).sum(axis=1) / np.maximum(np.abs(f).sum(axis=1), 1e-12)
+
+    map_row_chunks(len(feats), 2 * feats.shape[1], chunk)
     return out

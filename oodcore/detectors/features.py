@@ -225,9 +225,12 @@ def gradnorm(state, rows):
     logits = np.asarray(rows.logits)
     k = logits.shape[1]
     out = np.empty(len(logits))
-    for sl in row_chunks(len(logits), 3 * k + feats.shape[1]):
+
+    def chunk(sl: slice) -> None:
         p = np.exp(log_softmax(logits[sl]))
         out[sl] = -np.abs(p - 1.0 / k).sum(axis=1) * np.abs(np.asarray(feats[sl], dtype=np.float64)).sum(axis=1)
+
+    map_row_chunks(len(logits), 3 * k + feats.shape[1], chunk)
     return out
 
 
@@ -437,6 +440,9 @@ def she(state, rows):
     feats = split_features(rows)
     preds = np.asarray(rows.logits).argmax(axis=1)
     out = np.empty(len(feats))
-    for sl in row_chunks(len(feats), 2 * feats.shape[1]):
+
+    def chunk(sl: slice) -> None:
         out[sl] = -np.einsum("ij,ij->i", np.asarray(feats[sl], dtype=np.float64), patterns[preds[sl]])
+
+    map_row_chunks(len(feats), 2 * feats.shape[1], chunk)
     return out

@@ -11,6 +11,22 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+EXP_FLOOR = -700.0  # exp(-700) ~ 1e-304: below a sum that holds exp(0) = 1 by ~288 orders of magnitude
+
+
+def exp_shifted(z: np.ndarray) -> np.ndarray:
+    """In place, the exponentials of z = logits less their row max (<= 0) for a *sum* of them, fast.
+
+    numpy's SIMD exp takes a path 8-70x slower for arguments below about -708 (subnormal or zero results),
+    which wide logit ranges make the common case (SCALE and ASH-S multiply rows by up to e^30, a small
+    temperature divides them).  Arguments are raised to EXP_FLOOR first.  Each row's sum holds its max's
+    exp(0) = 1, so terms below 1e-300 cannot change it in float64 (K of them add < 1e-296, far below half
+    an ulp of 1): log-sum-exp and every value from these sums are the same as with np.exp.  Not for values
+    used one by one (a probability of 1e-310 would become 1e-304): those use np.exp.
+    """
+    np.maximum(z, EXP_FLOOR, out=z)
+    return np.exp(z, out=z)
+
 
 def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(max, logsumexp) per row of one 2-D chunk, float64, with one temporary (the chunk's float64 copy)."""
@@ -19,7 +35,7 @@ def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np
         z /= scale
     m = z.max(axis=1, keepdims=True)
     z -= m
-    np.exp(z, out=z)
+    exp_shifted(z)
     return m[:, 0], m[:, 0] + np.log(z.sum(axis=1))
 
 
@@ -49,11 +65,16 @@ def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.nd
 def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(f W^T + b) per row of one chunk: float32 product f @ w_t (w_t = W^T, float32), float64 bias
     and log-sum-exp (= logsumexp(f32 @ w_t + b) exactly, with one float64 temporary)."""
-    z = np.asarray(f32 @ w_t, dtype=np.float64)
+    return bias_logsumexp(f32 @ w_t, b)
+
+
+def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """logsumexp(product + b) per row of one chunk: the product widened to float64, the bias and log-sum-exp."""
+    z = np.asarray(product, dtype=np.float64)
     z += b
     m = z.max(axis=1, keepdims=True)
     z -= m
-    np.exp(z, out=z)
+    exp_shifted(z)
     return m[:, 0] + np.log(z.sum(axis=1))
 
 
@@ -66,7 +87,7 @@ def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) ->
     z += b
     m = z.max(axis=1, keepdims=True)
     z -= m
-    np.exp(z, out=z)
+    exp_shifted(z)
     return m[:, 0] + np.log(z.sum(axis=1))
 
 

@@ -23,7 +23,13 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import affine_logsumexp, map_row_chunks, rescaled_logsumexp, row_chunks
+from oodcore.detectors.numerics import (
+    affine_logsumexp,
+    bias_logsumexp,
+    map_row_chunks,
+    rescaled_logsumexp,
+    row_chunks,
+)
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
 
@@ -102,7 +108,8 @@ def fit_head(ctx: FitContext) -> dict:
             "w_t": np.asarray(w, dtype=np.float32).T,
             "b": np.asarray(b, np.float64),
             "memo": ctx.row_memo("shaping"),
-            "head_check": ctx.row_memo("~head_logits"),  # per split: are its logits this head's output?
+            # memory only: per split, are its logits this head's output? and a C-ordered W^T for sparse products
+            "head_check": ctx.row_memo("~head"),
         }
 
     return ctx.shared("shaping_head", build)
@@ -155,21 +162,60 @@ def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
     return feats, kept_count(feats.shape[1], p)
 
 
+SPARSE_KEPT = 1 / 32  # at most this fraction kept: the pruned rows go through a sparse product (scipy, when installed)
+
+
+def _sparse_module():
+    try:
+        import scipy.sparse
+    except ImportError:  # the light core runs without scipy: the dense product
+        return None
+    return scipy.sparse
+
+
+def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: dict):
+    """-logsumexp(x W^T + b) of pruned rows x (exactly k kept per row) by a CSR product over the kept entries only:
+    k of D multiply-adds per output instead of D (the dense product's float32 sums, in another order)."""
+    flat = np.flatnonzero(keep)  # row-major: each row's k columns in order
+    if f is None:
+        vals = np.repeat(row_values, k)
+    else:
+        vals = f.ravel()[flat]
+        if row_values is not None:
+            vals *= np.repeat(row_values, k)
+    x = _sparse_module().csr_matrix(
+        (vals.astype(np.float32, copy=False), flat % keep.shape[1], np.arange(0, k * len(keep) + 1, k)),
+        shape=keep.shape,
+    )
+    # scipy multiplies by a C-ordered dense matrix: W^T made contiguous once per process (memory only)
+    w_t = state["head_check"].get("w_t", state["w_t"], lambda: np.ascontiguousarray(state["w_t"]))
+    return -bias_logsumexp(np.asarray(x @ w_t), state["b"])
+
+
 def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
     feats, k = _pruning(rows, p)
     n, d = feats.shape
     thr, s2, s1 = _topk(state, feats, k)
     out = np.empty(n)
+    sparse = k <= SPARSE_KEPT * d and _sparse_module() is not None
 
     def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32)
         keep = topk_mask(f, thr[sl], k)
         if variant == "b":  # binarise: every kept activation becomes s1 / k
-            shaped = keep * (s1[sl] / k).astype(np.float32)[:, None]
+            factor = (s1[sl] / k).astype(np.float32)
+            if sparse:
+                out[sl] = _sparse_energy(None, keep, factor, k, state)
+                return
+            shaped = keep * factor[:, None]
         else:
+            factor = np.exp(s1[sl] / s2[sl]).astype(np.float32) if variant == "s" else None
+            if sparse:
+                out[sl] = _sparse_energy(f, keep, factor, k, state)
+                return
             shaped = np.where(keep, f, np.float32(0))
-            if variant == "s":  # rescale the kept activations by exp(s1 / s2)
-                shaped *= np.exp(s1[sl] / s2[sl]).astype(np.float32)[:, None]
+            if factor is not None:  # ASH-S: rescale the kept activations by exp(s1 / s2)
+                shaped *= factor[:, None]
         out[sl] = _energy_of(shaped, state)
 
     map_row_chunks(n, 3 * d + state["w_t"].shape[1], rows, min_rows=256)
@@ -255,8 +301,11 @@ def scale(state, rows, p):
     out = np.empty(n)
     logits = head_logits(state, rows)
     if logits is not None:  # (f r) W^T + b = r (f W^T) + (b - r b): the cached logits, rescaled
-        for sl in row_chunks(n, 2 * logits.shape[1]):
+
+        def logit_rows(sl: slice) -> None:
             out[sl] = -rescaled_logsumexp(logits[sl], factor[sl], state["b"])
+
+        map_row_chunks(n, logits.shape[1], logit_rows)
         return out
 
     def rows(sl: slice) -> None:
