@@ -31,7 +31,7 @@ def test_bench_detectors_scores_a_second_copy_from_the_stored_states(tmp_path):
     assert out["from_stored_state"] and set(out["per_method_seconds_cold"]) == set(out["per_method_seconds"])
     assert out["methods_seconds_52k_cold"] == sum(out["per_method_seconds_cold"].values())
     stored = {p.name.split("-")[0] for p in (tmp_path / "fitted").iterdir()}
-    assert {"mahalanobis", "vim", "knn.table", "vim.table", "nnguide.guidance", "shaping.row_table"} <= stored
+    assert {"mahalanobis", "vim", "knn.table", "vim.table", "nnguide.guidance", "shaping.row_columns"} <= stored
     assert "from the cache with the run's stored fitted states and tables" in describe(out)[0]
 
 

@@ -53,7 +53,7 @@ def test_states_are_fitted_once_per_run_and_read_back_identical(run_copy):
     )
     assert "knn" not in written  # it holds the run's own fit features
     tables = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in folder.glob("*.arrays"))
-    for table in ("knn.table", "nnguide.guidance", "vim.table", "shaping.row_table"):
+    for table in ("knn.table", "nnguide.guidance", "vim.table", "shaping.row_columns"):
         assert f"{table}-id" in tables and f"{table}-ood" in tables, (table, tables)
     assert store.saved and not store.loaded
 

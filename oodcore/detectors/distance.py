@@ -14,7 +14,7 @@ import numpy as np
 
 from oodcore.detectors.features import fit_moments, split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import map_row_chunks, row_chunks, slider_values
+from oodcore.detectors.numerics import PRODUCT_ROWS, map_row_chunks, row_chunks, slider_values
 from oodcore.detectors.registry import Param, register
 from oodcore.detectors.search import QUERY_BATCH, Bank, normalised32
 
@@ -94,7 +94,7 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
         md += m_sq[None, :]
         out[sl] = np.maximum(md.min(axis=1), 0.0)
 
-    map_row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], rows, min_rows=512)
+    map_row_chunks(len(features), features.shape[1] + lw.shape[1] + 2 * means_t.shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 
@@ -108,7 +108,7 @@ def _background_distance(features: np.ndarray, background: dict) -> np.ndarray:
         y0 = (np.asarray(features[sl], dtype=np.float32) - mu0) @ l0
         out[sl] = np.einsum("ij,ij->i", y0, y0, dtype=np.float64)
 
-    map_row_chunks(len(features), features.shape[1] + l0.shape[1], rows, 4, min_rows=512)
+    map_row_chunks(len(features), features.shape[1] + l0.shape[1], rows, 4, min_rows=PRODUCT_ROWS)
     return out
 
 

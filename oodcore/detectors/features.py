@@ -16,6 +16,7 @@ import numpy as np
 from oodcore.detectors.errors import MethodUnavailable
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import (
+    PRODUCT_ROWS,
     affine_logsumexp,
     chunked_percentile,
     linear_slider_values,
@@ -102,7 +103,7 @@ def head_energy(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, clip
             f = np.minimum(f, np.float32(clip))
         out[sl] = -affine_logsumexp(f, w_t, b)
 
-    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=256)
+    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 

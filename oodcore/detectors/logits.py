@@ -15,6 +15,7 @@ import numpy as np
 from oodcore.detectors.errors import MethodUnavailable
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import (
+    PRODUCT_ROWS,
     log_softmax,
     logsumexp,
     map_row_chunks,
@@ -224,7 +225,7 @@ def kl_matching(state, rows):
         cross = (parts["p"].astype(np.float32) @ log_d_t).max(axis=1)  # the one big product, in float32
         out[sl] = neg_h - cross.astype(np.float64)
 
-    map_row_chunks(len(logits), 4 * logits.shape[1] + log_d_t.shape[1], chunk, min_rows=256)
+    map_row_chunks(len(logits), 4 * logits.shape[1] + log_d_t.shape[1], chunk, min_rows=PRODUCT_ROWS)
     return out
 
 

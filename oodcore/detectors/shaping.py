@@ -24,6 +24,7 @@ import numpy as np
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import (
+    PRODUCT_ROWS,
     affine_logsumexp,
     bias_logsumexp,
     map_row_chunks,
@@ -53,29 +54,30 @@ def _topk_direct(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def _row_table(features: np.ndarray) -> dict:
     """One sort per row, sliced at every whole percentage p: the k-th largest activation and the top-k sum.
 
-    ks (m,): the kept counts of p = 0..99; thr (N, m) float32 and s2 (N, m) float64; total (N,) = Σ f.
-    A slider move to a whole p reads one column; any other p is computed directly (`_topk`).
+    ks (m,): the kept counts of p = 0..99; thr (m, N) float32 and s2 (m, N) float64, one *row* per kept count
+    so that a slider move reads contiguous memory (a column of an (N, m) table touches every page of it);
+    total (N,) = Σ f.  Any other p is computed directly (`_topk`).
     """
     n, d = features.shape
     ks = np.unique([kept_count(d, p) for p in TABLE_PERCENTS])
-    thr = np.empty((n, len(ks)), dtype=np.float32)
-    s2 = np.empty((n, len(ks)))
+    thr = np.empty((len(ks), n), dtype=np.float32)
+    s2 = np.empty((len(ks), n))
     total = np.empty(n)
     for sl in row_chunks(n, 3 * d):
         f = np.asarray(features[sl], dtype=np.float32)
         desc = -np.sort(-f, axis=1)
-        thr[sl] = desc[:, ks - 1]
-        s2[sl] = np.cumsum(desc, axis=1, dtype=np.float64)[:, ks - 1]
+        thr[:, sl] = desc[:, ks - 1].T
+        s2[:, sl] = np.cumsum(desc, axis=1, dtype=np.float64)[:, ks - 1].T
         total[sl] = f.sum(axis=1, dtype=np.float64)
     return {"ks": ks, "thr": thr, "s2": s2, "total": total}
 
 
 def _topk(state: dict, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(k-th largest, top-k sum, row sum) per row: a column of the split's memoised table, or computed directly."""
-    table = state["memo"].get("row_table", features, lambda: _row_table(features))
-    col = int(np.searchsorted(table["ks"], k))
-    if col < len(table["ks"]) and table["ks"][col] == k:
-        return table["thr"][:, col], table["s2"][:, col], table["total"]
+    """(k-th largest, top-k sum, row sum) per row: a row of the split's memoised table, or computed directly."""
+    table = state["memo"].get("row_columns", features, lambda: _row_table(features))
+    at = int(np.searchsorted(table["ks"], k))
+    if at < len(table["ks"]) and table["ks"][at] == k:
+        return table["thr"][at], table["s2"][at], table["total"]
     thr, s2 = np.empty(len(features), dtype=np.float32), np.empty(len(features))
     for sl in row_chunks(len(features), 2 * features.shape[1]):
         thr[sl], s2[sl] = _topk_direct(np.asarray(features[sl], dtype=np.float32), k)
@@ -150,9 +152,14 @@ def head_logits(state: dict, rows: SplitArrays) -> np.ndarray | None:
     return logits if ok else None
 
 
+def _w_t(state: dict) -> np.ndarray:
+    """W^T in C order, made once per process (memory only): scipy's sparse product needs it, BLAS runs faster on it."""
+    return state["head_check"].get("w_t", state["w_t"], lambda: np.ascontiguousarray(state["w_t"]))
+
+
 def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
     """-logsumexp(x W^T + b) of shaped rows (float32 product, float64 log-sum-exp)."""
-    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), state["w_t"], state["b"])
+    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), _w_t(state), state["b"])
 
 
 def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
@@ -187,9 +194,7 @@ def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: d
         (vals.astype(np.float32, copy=False), flat % keep.shape[1], np.arange(0, k * len(keep) + 1, k)),
         shape=keep.shape,
     )
-    # scipy multiplies by a C-ordered dense matrix: W^T made contiguous once per process (memory only)
-    w_t = state["head_check"].get("w_t", state["w_t"], lambda: np.ascontiguousarray(state["w_t"]))
-    return -bias_logsumexp(np.asarray(x @ w_t), state["b"])
+    return -bias_logsumexp(np.asarray(x @ _w_t(state)), state["b"])
 
 
 def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
@@ -218,7 +223,7 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
                 shaped *= factor[:, None]
         out[sl] = _energy_of(shaped, state)
 
-    map_row_chunks(n, 3 * d + state["w_t"].shape[1], rows, min_rows=256)
+    map_row_chunks(n, 3 * d + state["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 
@@ -312,7 +317,7 @@ def scale(state, rows, p):
         f = np.asarray(feats[sl], dtype=np.float32) * factor[sl].astype(np.float32)[:, None]
         out[sl] = _energy_of(f, state)
 
-    map_row_chunks(n, d + state["w_t"].shape[1], rows, min_rows=256)
+    map_row_chunks(n, d + state["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 
