@@ -22,7 +22,10 @@ def test_bench_detectors_reports_every_method_and_slider():
         out["slider_seconds_52k"]
     )
     assert all(v >= 0 for v in out["slider_seconds_52k"].values())
-    assert len(describe(out)) == 2
+    floor = out["product_floor"]
+    assert set(floor["seconds"]) == set(floor["counts"]) == {"head", "whiten", "templates"}
+    assert floor["floor_s"] == pytest.approx(sum(floor["counts"][k] * t for k, t in floor["seconds"].items()))
+    assert len(describe(out)) == 2 and "dense float32 products" in describe(out)[0]
 
 
 def test_bench_detectors_scores_a_second_copy_from_the_stored_states(tmp_path):

@@ -56,6 +56,35 @@ def _pass(data, methods, n_boot: int) -> tuple[dict, dict, dict]:
     return per, rows, cpu
 
 
+# The dense float32 products with the run's shapes that methods cannot do without at their defaults (N rows,
+# D features, K classes): ReAct, DICE, ASH-P, ASH-B and ASH-S each multiply shaped features by the head (ASH-S's
+# default p keeps 10%: above the sparse path's share); Mahalanobis whitens (D x D) and projects on the class
+# means (D x K); relative Mahalanobis whitens once more for its background; KL matching multiplies the softmax
+# by its templates (K x K).  SCALE rescales the cached logits and OptFS uses the predicted class's row only.
+PRODUCTS = {"head": 6, "whiten": 2, "templates": 1}
+
+
+def product_floor(data) -> dict:
+    """Seconds of the dense products above on this machine (each shape the better of two runs, all cores): a lower bound on
+    `methods_seconds_52k` that no rewrite of the rest can beat."""
+    import numpy as np
+
+    n = len(data.id) + len(data.ood)
+    d = int(data.id.features.shape[1])
+    k = int(data.n_classes)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    shapes = {"head": (x, d, k), "whiten": (x, d, d), "templates": (None, k, k)}
+    seconds = {}
+    for name, (rows, inner, out) in shapes.items():
+        rows = rows if rows is not None else rng.standard_normal((n, inner), dtype=np.float32)
+        w = rng.standard_normal((inner, out), dtype=np.float32)
+        rows[:64] @ w  # warm the kernels
+        seconds[name] = min(_timed(lambda: rows @ w)[0] for _ in range(2))  # a floor: the better of two
+    total = sum(PRODUCTS[name] * t for name, t in seconds.items())
+    return {"seconds": seconds, "counts": dict(PRODUCTS), "floor_s": float(total)}
+
+
 def bench_detectors(data, n_boot: int = 200, slider: bool = True, folder=None) -> dict:
     """Every available method on `data` (a fresh run: nothing fitted yet) + metrics + CIs, then one slider move each.
 
@@ -116,6 +145,7 @@ def bench_detectors(data, n_boot: int = 200, slider: bool = True, folder=None) -
         "feature_dim": None if data.id.features is None else int(data.id.features.shape[1]),
         "bootstrap": n_boot,
         "faiss": _faiss_version(),
+        "product_floor": product_floor(data) if data.id.features is not None and data.head_weight is not None else None,
     }
 
 
@@ -145,6 +175,14 @@ def describe(result: dict) -> list[str]:
         )
     else:
         head += f"{result['methods_seconds_52k']:.1f} s in total, fitting included ({per})"
+    floor = result.get("product_floor")
+    if floor:
+        sec = floor["seconds"]
+        head += (
+            f"\n    of which at least {floor['floor_s']:.1f} s are dense float32 products no method can skip (timed "
+            f"here: {floor['counts']['head']} with the head, {sec['head']:.2f} s each; {floor['counts']['whiten']} "
+            f"whitenings, {sec['whiten']:.2f} s; KL templates {sec['templates']:.2f} s)"
+        )
     return [
         head,
         f"    slider move per detector (scores at the new setting + 5 metrics + threshold): {sl}"
