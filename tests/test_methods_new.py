@@ -63,13 +63,13 @@ def test_ash_and_scale_by_hand(variant, p):
 def test_scale_rescales_the_cached_logits_only_when_they_are_the_heads_output(p):
     """SCALE reads a split's cached logits when they are the head's output on its features, and otherwise
     multiplies the scaled features by the head: both paths give the hand computation."""
-    from oodcore.detectors import shaping
+    from oodcore.detectors.head import head_logits
 
     data = feature_data(d=8)
     w, b = head_of(data)
     expected = energy(hand_shape(data.id.features, p, "scale") @ w.T + b)
-    state = M.get("scale").state(data)
-    assert shaping.head_logits(state, data.id) is data.id.logits
+    state = M.get("scale").state(data)["head"]
+    assert head_logits(state, data.id) is data.id.logits
     assert M.get("scale").score(data, data.id, p=p) == pytest.approx(expected, rel=1e-6, abs=1e-6)
     rng = np.random.default_rng(1)
     for other in (  # logits that are not this head's output: another head, or reduced precision
@@ -77,7 +77,7 @@ def test_scale_rescales_the_cached_logits_only_when_they_are_the_heads_output(p)
         (data.id.logits * 50).astype(np.float16).astype(np.float64) / 50 + 0.05,
     ):
         odd = dataclasses.replace(data.id, logits=other)
-        assert shaping.head_logits(state, odd) is None
+        assert head_logits(state, odd) is None
         assert M.get("scale").score(data, odd, p=p) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
@@ -97,7 +97,7 @@ def test_ash_sparse_product_equals_the_dense_one(variant, monkeypatch):
     sparse = M.get(name).score(data, data.id, p=97.0)  # 2 of 64 kept: within SPARSE_KEPT
     n_sparse = len(calls)
     assert n_sparse > 0
-    monkeypatch.setattr(shaping, "_sparse_module", lambda: None)  # the light core: no scipy
+    monkeypatch.setattr(shaping, "sparse_module", lambda: None)  # the light core: no scipy
     dense = M.get(name).score(data, data.id, p=97.0)
     assert len(calls) == n_sparse  # the dense product this time
     assert sparse == pytest.approx(dense, rel=1e-6, abs=1e-6)

@@ -187,6 +187,37 @@ def test_react_clips_at_the_fit_percentile_then_energy():
     assert M.get("react").state(data, p=100.0)["clip"] == data.fit.features.max()
 
 
+def test_react_sparse_correction_of_the_cached_logits_equals_clipping(monkeypatch):
+    """Where few activations exceed the clip, ReAct subtracts their excess times the head from the cached logits
+    (scipy's CSR product): the same energies as clipping the features and applying the head."""
+    from oodcore.detectors import head as F
+
+    data = feature_data(n_id=400, n_ood=300, d=64)
+    real, used = F.sparse_module(), []
+
+    class Counting:
+        @staticmethod
+        def csr_matrix(*a, **k):
+            used.append(1)
+            return real.csr_matrix(*a, **k)
+
+    monkeypatch.setattr(F, "sparse_module", lambda: Counting)
+    for p in (99.0, 99.9):
+        c = np.percentile(data.fit.features, p)
+        for split in (data.id, data.ood):
+            used.clear()
+            got = M.get("react").score(data, split, p=p)
+            expected = energy(np.minimum(split.features, c) @ data.head_weight.T + data.head_bias)
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+            # ~1% of ID activations exceed the clip: the sparse path; OOD's shifted features exceed it more often
+            assert bool(used) == (np.mean(split.features > c) <= F.SPARSE_SHARE), (p, len(used))
+    # logits that are not the head's output: clipped features times the head, as before
+    odd = dataclasses.replace(data.ood, logits=data.ood.logits + 1.0)
+    used.clear()
+    expected = energy(np.minimum(odd.features, c) @ data.head_weight.T + data.head_bias)
+    assert M.get("react").score(data, odd, p=99.9) == pytest.approx(expected, rel=1e-6, abs=1e-6) and not used
+
+
 def test_dice_masks_the_smallest_contributions_on_a_tiny_head():
     w = np.array([[1.0, -2.0, 0.5], [0.1, 3.0, -1.0]])
     b = np.array([0.2, -0.1])
@@ -532,3 +563,30 @@ def test_export_of_a_missing_benchmark_is_a_clear_error(tmp_path, capsys):
     )
     assert "no cached run" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_no_method_writes_into_the_cached_arrays(dtype):
+    """Every method at its default and at its slider's far end, on read-only logits, features and head (as the
+    memory-mapped cache hands them out): a method that wrote into them would raise here."""
+    from oodcore.cli.bench_detectors import slider_target
+
+    data = feature_data(n_id=300, n_ood=200, d=64)
+    for split in (data.id, data.ood, data.fit):
+        for name in ("logits", "features"):
+            arr = np.ascontiguousarray(getattr(split, name), dtype=dtype)
+            arr.setflags(write=False)
+            setattr(split, name, arr)
+    for arr in (data.head_weight, data.head_bias):
+        arr.setflags(write=False)
+    for method in M.available_methods(data):
+        if method.trained_on_ood:
+            continue
+        settings = [method.defaults()]
+        for param in method.params:
+            target = slider_target(method, param, data)
+            if target is not None:
+                settings.append({**method.defaults(), param.name: target})
+        for params in settings:
+            for split in (data.id, data.ood):
+                assert np.all(np.isfinite(method.score(data, split, **params))), (method.name, params)

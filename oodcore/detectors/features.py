@@ -15,9 +15,8 @@ import numpy as np
 
 from oodcore.detectors.errors import MethodUnavailable
 from oodcore.detectors.fitting import FitContext
+from oodcore.detectors.head import head_energy, head_logits, head_state
 from oodcore.detectors.numerics import (
-    PRODUCT_ROWS,
-    affine_logsumexp,
     chunked_percentile,
     linear_slider_values,
     log_softmax,
@@ -91,22 +90,6 @@ def fit_moments(ctx: FitContext) -> dict:
     return ctx.shared("fit_moments", build)
 
 
-def head_energy(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, clip: float | None = None) -> np.ndarray:
-    """-logsumexp(min(f, clip) W^T + b) per row, float32 products, float64 log-sum-exp."""
-    w_t = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
-    b = np.asarray(bias, dtype=np.float64)
-    out = np.empty(len(features))
-
-    def rows(sl: slice) -> None:
-        f = np.asarray(features[sl], dtype=np.float32)
-        if clip is not None:
-            f = np.minimum(f, np.float32(clip))
-        out[sl] = -affine_logsumexp(f, w_t, b)
-
-    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=PRODUCT_ROWS)
-    return out
-
-
 # ----------------------------------------------------------------------------- ReAct
 
 
@@ -118,7 +101,7 @@ def react_threshold(ctx: FitContext, p: float) -> float:
 
 def fit_react(ctx: FitContext, p: float) -> dict:
     w, b = ctx.head()
-    return {"w": w, "b": b, "clip": react_threshold(ctx, p)}
+    return {"w": w, "b": b, "clip": react_threshold(ctx, p), "head": head_state(ctx)}
 
 
 @register(
@@ -147,7 +130,10 @@ def react(state, rows):
     large activations drive overconfident OOD logits; truncating them helps energy
     separate ID from OOD.
     """
-    return head_energy(split_features(rows), state["w"], state["b"], clip=state["clip"])
+    head = state["head"]
+    return head_energy(
+        split_features(rows), state["w"], state["b"], clip=state["clip"], logits=head_logits(head, rows), head=head
+    )
 
 
 # ----------------------------------------------------------------------------- DICE

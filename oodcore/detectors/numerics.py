@@ -70,7 +70,7 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
 
 def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(product + b) per row of one chunk: the product widened to float64, the bias and log-sum-exp."""
-    z = np.asarray(product, dtype=np.float64)
+    z = np.array(product, dtype=np.float64)  # a private copy: the ops below run in place
     z += b
     m = z.max(axis=1, keepdims=True)
     z -= m

@@ -17,12 +17,11 @@ numpy only.
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
+from oodcore.detectors.head import contiguous_w_t, head_logits, head_state, sparse_module
 from oodcore.detectors.numerics import (
     PRODUCT_ROWS,
     affine_logsumexp,
@@ -104,62 +103,15 @@ def fit_head(ctx: FitContext) -> dict:
     """
 
     def build():
-        w, b = ctx.head()
-        return {
-            # W^T as a view of the run's own head: nothing to store beside the run (the state is the head)
-            "w_t": np.asarray(w, dtype=np.float32).T,
-            "b": np.asarray(b, np.float64),
-            "memo": ctx.row_memo("shaping"),
-            # memory only: per split, are its logits this head's output? and a C-ordered W^T for sparse products
-            "head_check": ctx.row_memo("~head"),
-        }
+        head = head_state(ctx)
+        return {"w_t": head["w_t"], "b": head["b"], "memo": ctx.row_memo("shaping"), "head": head}
 
     return ctx.shared("shaping_head", build)
 
 
-HEAD_RTOL = 1e-3  # |cached logit - f W^T - b| allowed, relative to the row's largest |logit| (at least 1)
-HEAD_CHECK_ROWS = 256
-
-
-def head_logits(state: dict, rows: SplitArrays) -> np.ndarray | None:
-    """The split's cached logits when they are the head's output on its cached features, else None.
-
-    True of a cache's own splits (the logits and the pooled features come from the same forward pass;
-    float32 rounding is far inside the tolerance); not of protocol-masked or reduced-precision logits, nor
-    of a network whose logits are not a linear function of the cached features.  Checked once per split on
-    up to 256 rows spread over it.
-    """
-    logits, feats = rows.logits, rows.features
-    if logits is None or feats is None or logits.shape[1] != state["w_t"].shape[1]:
-        return None
-
-    def check() -> tuple:
-        n = len(feats)
-        idx = np.unique(np.linspace(0, n - 1, min(n, HEAD_CHECK_ROWS)).astype(np.int64))
-        z = np.asarray(np.asarray(feats[idx], dtype=np.float32) @ state["w_t"], dtype=np.float64) + state["b"]
-        cached = np.asarray(logits[idx], dtype=np.float64)
-        scale = np.maximum(1.0, np.abs(cached).max(axis=1, keepdims=True))
-        ok = bool(np.all(np.abs(z - cached) <= HEAD_RTOL * scale))
-        try:
-            return weakref.ref(feats), ok
-        except TypeError:  # not weak-referenceable: checked again on every call (256 rows)
-            return (lambda: None), ok
-
-    # memoised per logits array, for the features array it was checked against
-    of, ok = state["head_check"].get("matches", logits, check)
-    if of() is not feats:
-        of, ok = check()
-    return logits if ok else None
-
-
-def _w_t(state: dict) -> np.ndarray:
-    """W^T in C order, made once per process (memory only): scipy's sparse product needs it, BLAS runs faster on it."""
-    return state["head_check"].get("w_t", state["w_t"], lambda: np.ascontiguousarray(state["w_t"]))
-
-
 def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
     """-logsumexp(x W^T + b) of shaped rows (float32 product, float64 log-sum-exp)."""
-    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), _w_t(state), state["b"])
+    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), contiguous_w_t(state["head"]), state["b"])
 
 
 def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
@@ -172,14 +124,6 @@ def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
 SPARSE_KEPT = 1 / 32  # at most this fraction kept: the pruned rows go through a sparse product (scipy, when installed)
 
 
-def _sparse_module():
-    try:
-        import scipy.sparse
-    except ImportError:  # the light core runs without scipy: the dense product
-        return None
-    return scipy.sparse
-
-
 def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: dict):
     """-logsumexp(x W^T + b) of pruned rows x (exactly k kept per row) by a CSR product over the kept entries only:
     k of D multiply-adds per output instead of D (the dense product's float32 sums, in another order)."""
@@ -190,11 +134,11 @@ def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: d
         vals = f.ravel()[flat]
         if row_values is not None:
             vals *= np.repeat(row_values, k)
-    x = _sparse_module().csr_matrix(
+    x = sparse_module().csr_matrix(
         (vals.astype(np.float32, copy=False), flat % keep.shape[1], np.arange(0, k * len(keep) + 1, k)),
         shape=keep.shape,
     )
-    return -bias_logsumexp(np.asarray(x @ _w_t(state)), state["b"])
+    return -bias_logsumexp(np.asarray(x @ contiguous_w_t(state["head"])), state["b"])
 
 
 def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
@@ -202,7 +146,7 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
     n, d = feats.shape
     thr, s2, s1 = _topk(state, feats, k)
     out = np.empty(n)
-    sparse = k <= SPARSE_KEPT * d and _sparse_module() is not None
+    sparse = k <= SPARSE_KEPT * d and sparse_module() is not None
 
     def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32)
@@ -304,7 +248,7 @@ def scale(state, rows, p):
     _, s2, s1 = _topk(state, feats, k)
     factor = np.exp(s1 / s2)
     out = np.empty(n)
-    logits = head_logits(state, rows)
+    logits = head_logits(state["head"], rows)
     if logits is not None:  # (f r) W^T + b = r (f W^T) + (b - r b): the cached logits, rescaled
 
         def logit_rows(sl: slice) -> None:
