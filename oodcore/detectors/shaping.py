@@ -302,18 +302,25 @@ def fit_optfs(ctx: FitContext, bins: float = 100) -> dict:
     w64 = np.asarray(w, dtype=np.float64)
     feats = fit.features
     n_bins = int(max(1, round(bins)))
-    lo, hi = np.quantile(feats, [1e-3, 1 - 1e-3])
+    # the range does not depend on the bin count: found once per run, so a move of the bins slider only re-bins
+    lo, hi = ctx.shared("optfs_range", lambda: np.quantile(feats, [1e-3, 1 - 1e-3]))
     width = float((hi - lo) / n_bins)
     if not width > 0:
         lo, width = float(lo), 1.0  # constant activations: one bin holds them all
     lefts = np.arange(lo, hi, width) if hi > lo else np.array([float(lo)])
     preds = np.asarray(fit.logits).argmax(axis=1)
-    total = np.zeros(len(lefts))
-    for sl in row_chunks(len(feats), 3 * feats.shape[1]):
+    parts: dict[int, np.ndarray] = {}
+
+    def chunk(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float64)
         contrib = w64[preds[sl]] * f
         idx, inside = _bin_index(f, lefts, width)
-        total += np.bincount(idx[inside], weights=contrib[inside], minlength=len(lefts))
+        parts[sl.start] = np.bincount(idx[inside], weights=contrib[inside], minlength=len(lefts))
+
+    map_row_chunks(len(feats), 3 * feats.shape[1], chunk)
+    total = np.zeros(len(lefts))
+    for start in sorted(parts):  # in row order, whichever chunk finished first: the sequential loop's sums
+        total += parts[start]
     impact = total / len(feats)
     norm = np.linalg.norm(impact)
     theta = impact / norm * 1000.0 if norm > 0 else np.zeros_like(impact)
