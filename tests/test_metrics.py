@@ -520,6 +520,6 @@ def test_replicate_path_equals_the_weighted_core(layout, monkeypatch):
 
 
 def test_cumsum_rows_equals_numpy():
-    x = np.random.default_rng(0).integers(0, 5, size=(2 * 32 * 3 + 7, 9)).astype(np.float64)
+    x = np.random.default_rng(0).integers(0, 5, size=(2 * 32 * 3 + 7, 9)).astype(np.int32)
     for r in (1, 2, 31, 64, 100, x.shape[0]):
         assert np.array_equal(replicates._cumsum_rows(x[:r].copy()), np.cumsum(x[:r], axis=0)), r
