@@ -132,6 +132,25 @@ def test_ash_slider_reads_one_table_and_refuses_p_100():
     assert M.get("ash_p").score(data, data.id, p=99.0) == pytest.approx(energy(top @ w.T + b), rel=1e-6)
 
 
+def test_optfs_bin_index_is_searchsorted_on_any_values():
+    """OptFS's arithmetic bin estimate plus its correction equals a binary search over the bin edges, with the
+    authors' "x < left + width" for the last bin, on random edges and values, edge values, NaN and ±inf."""
+    from oodcore.detectors.shaping import _bin_index
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, lo, width = int(rng.integers(1, 300)), rng.normal(), float(rng.uniform(1e-3, 2))
+        lefts = np.arange(lo, lo + n * width, width)[:n]
+        n = len(lefts)
+        x = rng.normal(lo + n * width / 2, n * width, size=(40, 30))
+        x[0, : min(5, n)], x[1, : min(5, n)] = lefts[:5], (lefts + width)[:5]  # exactly on edges
+        x[2, :4] = [np.nan, np.inf, -np.inf, 1e300]
+        idx, inside = _bin_index(x, lefts, width)
+        ref = np.searchsorted(lefts, x, "right") - 1
+        ref_inside = (ref >= 0) & (x < lefts[np.clip(ref, 0, n - 1)] + width)
+        assert np.array_equal(inside, ref_inside) and np.array_equal(idx[inside], ref[inside])
+
+
 def test_optfs_against_the_authors_masks():
     """The authors' loop: bins [left_i, left_i + width) from np.arange over the 0.1-99.9% quantiles, θ = I / ||I|| 1000."""
     data = feature_data(d=6, n_fit=200)

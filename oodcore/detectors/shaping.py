@@ -277,16 +277,29 @@ def _bin_index(x: np.ndarray, lefts: np.ndarray, width: float) -> tuple[np.ndarr
     """
     n = len(lefts)
     edges = np.concatenate([[-np.inf], lefts, [np.inf]])  # edges[j] <= x < edges[j + 1] for j = index + 1
-    est = np.floor((x - lefts[0]) / width) if width > 0 else np.zeros_like(x)
-    j = np.clip(np.nan_to_num(est, nan=0.0), -1, n - 1).astype(np.int64) + 1
-    while True:
-        move = (edges[j + 1] <= x).astype(np.int64) - (edges[j] > x)
-        if not move.any():
+    upper = edges[
+        1:
+    ].copy()  # upper[j] = edges[j + 1], but NaN above the last bin: no value (not even +inf) moves past it
+    upper[-1] = np.nan
+    if width > 0:
+        est = x - lefts[0]
+        est /= width
+        est += 1.0
+        with np.errstate(invalid="ignore"):  # NaN (and ±inf) cast to the int32 minimum, then clipped to 0
+            j = np.floor(est, out=est).astype(np.int32)
+        np.clip(j, 0, n, out=j)  # j = 0: below every bin, where a NaN activation lands (outside, as its masks say)
+    else:
+        j = np.zeros(x.shape, dtype=np.int32)
+    while True:  # the estimate is off by at most one bin (rounding): usually no value moves
+        up = np.take(upper, j) <= x
+        down = np.take(edges, j) > x
+        if not (up.any() or down.any()):
             break
-        j += move
+        j += up
+        j -= down
     idx = j - 1
     safe = np.clip(idx, 0, n - 1)
-    inside = (idx >= 0) & (x < lefts[safe] + width)
+    inside = (idx >= 0) & (x < np.take(lefts, safe) + width)
     return safe, inside
 
 
@@ -359,7 +372,7 @@ def optfs(state, rows):
     def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float64)
         idx, inside = _bin_index(f, state["lefts"], state["width"])
-        shaped = np.where(inside, f * state["theta"][idx], 0.0)
+        shaped = np.where(inside, f * np.take(state["theta"], idx), 0.0)
         out[sl] = -np.einsum("ij,ij->i", state["w"][preds[sl]], shaped)
 
     map_row_chunks(len(feats), 3 * feats.shape[1], rows)
