@@ -81,16 +81,15 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     """
     mu0 = state["mu0"].astype(np.float32)
     lw = state["L"].astype(np.float32)
-    means_t = np.ascontiguousarray(state["means_w"].T.astype(np.float32))
+    # -2 m_k^T: scaling by a power of two is exact, so y @ (-2 M^T) is -2 (y @ M^T) bit for bit, one pass fewer
+    means_t = np.ascontiguousarray(state["means_w"].T.astype(np.float32)) * np.float32(-2.0)
     m_sq = np.einsum("ij,ij->i", state["means_w"], state["means_w"])
     out = np.empty(len(features))
 
     def rows(sl: slice) -> None:
         y = (np.asarray(features[sl], dtype=np.float32) - mu0) @ lw
         y_sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        md = np.asarray(y @ means_t, dtype=np.float64)  # = y_sq - 2 y·m + m_sq, in place, in that order
-        md *= -2.0
-        md += y_sq[:, None]
+        md = np.add(y @ means_t, y_sq[:, None], dtype=np.float64)  # -2 y·m + y_sq, then + m_sq: in that order
         md += m_sq[None, :]
         out[sl] = np.maximum(md.min(axis=1), 0.0)
 

@@ -70,8 +70,9 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
 
 def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(product + b) per row of one chunk: the product widened to float64, the bias and log-sum-exp."""
-    z = np.array(product, dtype=np.float64)  # a private copy: the ops below run in place
-    z += b
+    z = np.add(
+        product, np.asarray(b, dtype=np.float64), dtype=np.float64
+    )  # widened and biased in one pass: a new array
     m = z.max(axis=1, keepdims=True)
     z -= m
     exp_shifted(z)
