@@ -123,6 +123,16 @@ class PooledSort(NamedTuple):
         return out_id, out_ood
 
 
+def _distinct_sorted(x: np.ndarray) -> np.ndarray:
+    """np.unique of an already non-decreasing array, without its sort (or hashing)."""
+    if x.size == 0:
+        return x
+    keep = np.empty(x.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(x[1:], x[:-1], out=keep[1:])
+    return x[keep]
+
+
 def sort_pooled(scores_id, scores_ood) -> PooledSort:
     """Validate, pool and sort the scores once (descending, stable)."""
     s_id = _as_scores(scores_id, "scores_id")
@@ -144,8 +154,8 @@ def sort_pooled(scores_id, scores_ood) -> PooledSort:
         pos_id=inv[: s_id.size],
         pos_ood=inv[s_id.size :],
         group_ends=group_ends,
-        id_groups=np.unique(group_of[~is_ood_sorted]),
-        ood_groups=np.unique(group_of[is_ood_sorted]),
+        id_groups=_distinct_sorted(group_of[~is_ood_sorted]),
+        ood_groups=_distinct_sorted(group_of[is_ood_sorted]),
     )
 
 
