@@ -98,8 +98,9 @@ def head_energy(
         if clip is not None:
             c = np.float32(clip)
             if sparse is not None:
-                over = np.flatnonzero(f > c)
-                if len(over) <= SPARSE_SHARE * f.size:
+                above = f > c
+                if np.count_nonzero(above) <= SPARSE_SHARE * f.size:  # few: list them (a dense chunk never is)
+                    over = np.flatnonzero(above)
                     d = f.shape[1]
                     indptr = np.zeros(len(f) + 1, dtype=np.int64)
                     np.cumsum(np.bincount(over // d, minlength=len(f)), out=indptr[1:])
