@@ -10,7 +10,7 @@ import weakref
 import numpy as np
 
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import PRODUCT_ROWS, affine_logsumexp, logsumexp, map_row_chunks
+from oodcore.detectors.numerics import PRODUCT_ROWS, affine_logsumexp, logsumexp_inplace, map_row_chunks
 from oodcore.store.rundata import SplitArrays
 
 HEAD_RTOL = 1e-3  # |cached logit - f W^T - b| allowed, relative to the row's largest |logit| (at least 1)
@@ -107,7 +107,7 @@ def head_energy(
                     excess = sparse.csr_matrix((f.ravel()[over] - c, over % d, indptr), shape=f.shape)
                     z = np.array(logits[sl], dtype=np.float64)  # a copy: the cached logits stay as they are
                     z -= excess @ contiguous_w_t(head)
-                    out[sl] = -logsumexp(z)
+                    out[sl] = -logsumexp_inplace(z)
                     return
             f = np.minimum(f, c)
         out[sl] = -affine_logsumexp(f, w_t, b)

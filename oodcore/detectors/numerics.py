@@ -70,9 +70,13 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
 
 def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(product + b) per row of one chunk: the product widened to float64, the bias and log-sum-exp."""
-    z = np.add(
-        product, np.asarray(b, dtype=np.float64), dtype=np.float64
-    )  # widened and biased in one pass: a new array
+    # widened and biased in one pass, into a new array
+    z = np.add(product, np.asarray(b, dtype=np.float64), dtype=np.float64)
+    return logsumexp_inplace(z)
+
+
+def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
+    """logsumexp per row of one float64 chunk, in one thread, using z itself as the workspace (z is overwritten)."""
     m = z.max(axis=1, keepdims=True)
     z -= m
     exp_shifted(z)
@@ -86,10 +90,7 @@ def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) ->
     z -= b
     z *= np.asarray(factor, dtype=np.float64)[:, None]
     z += b
-    m = z.max(axis=1, keepdims=True)
-    z -= m
-    exp_shifted(z)
-    return m[:, 0] + np.log(z.sum(axis=1))
+    return logsumexp_inplace(z)
 
 
 def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
