@@ -160,12 +160,14 @@ def gen(state, rows, gamma, M):
     out = np.empty(len(logits))
 
     def chunk(sl: slice) -> None:
-        z = np.asarray(logits[sl], dtype=np.float64)
+        raw = np.asarray(logits[sl])
+        z = np.asarray(raw, dtype=np.float64)
         parts = softmax_parts(z, full=False)
-        if m < k:  # the m largest probabilities (their order is irrelevant to the sum)
-            idx = np.argpartition(z, k - m, axis=1)[:, k - m :]
-            z = np.take_along_axis(z, idx, axis=1)
-            is_top = idx == parts["top"][:, None]
+        if m < k:  # the m largest logits, as values (their order is irrelevant to the sum), selected in the
+            # cache's own dtype (half the bytes of float64) and widened exactly
+            z = np.partition(raw, k - m, axis=1)[:, k - m :].astype(np.float64)
+            is_top = np.zeros(z.shape, dtype=bool)  # one occurrence of the row's maximum takes log_rest
+            is_top[np.arange(len(z)), z.argmax(axis=1)] = True
         else:
             is_top = np.arange(k)[None, :] == parts["top"][:, None]
         lp = z - parts["lse"][:, None]
