@@ -19,8 +19,8 @@ from oodcore.detectors.head import head_energy, head_logits, head_state
 from oodcore.detectors.numerics import (
     chunked_percentile,
     linear_slider_values,
-    log_softmax,
     logsumexp,
+    logsumexp_inplace,
     map_row_chunks,
     row_chunks,
 )
@@ -214,7 +214,8 @@ def gradnorm(state, rows):
     out = np.empty(len(logits))
 
     def chunk(sl: slice) -> None:
-        p = np.exp(log_softmax(logits[sl]))
+        z = np.array(logits[sl], dtype=np.float64)
+        p = np.exp(z - logsumexp_inplace(z.copy())[:, None])  # = exp(log_softmax), in this thread
         out[sl] = -np.abs(p - 1.0 / k).sum(axis=1) * np.abs(np.asarray(feats[sl], dtype=np.float64)).sum(axis=1)
 
     map_row_chunks(len(logits), 3 * k + feats.shape[1], chunk)
