@@ -33,10 +33,7 @@ def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np
     z = np.array(x, dtype=np.float64)  # always a private copy: the ops below run in place
     if scale is not None:
         z /= scale
-    m = z.max(axis=1, keepdims=True)
-    z -= m
-    exp_shifted(z)
-    return m[:, 0], m[:, 0] + np.log(z.sum(axis=1))
+    return _max_lse_inplace(z)
 
 
 def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.ndarray:
@@ -77,10 +74,15 @@ def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
     """logsumexp per row of one float64 chunk, in one thread, using z itself as the workspace (z is overwritten)."""
+    return _max_lse_inplace(z)[1]
+
+
+def _max_lse_inplace(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of one float64 chunk, z overwritten as the workspace."""
     m = z.max(axis=1, keepdims=True)
     z -= m
     exp_shifted(z)
-    return m[:, 0] + np.log(z.sum(axis=1))
+    return m[:, 0], m[:, 0] + np.log(z.sum(axis=1))
 
 
 def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,9 +115,9 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-CHUNK_BYTES = (
-    4 << 20
-)  # per temporary (small enough that the allocator reuses it: 64 MB temporaries cost a fresh page-faulted mapping each, 5x slower)
+# Bytes per temporary: small enough that the allocator reuses it (64 MB temporaries cost a fresh page-faulted
+# mapping each, 5x slower).
+CHUNK_BYTES = 4 << 20
 
 
 # Rows per chunk around a matrix product with the head (52k x 1280 by 1280 x 1000 at ImageNet scale): a
@@ -125,7 +127,7 @@ PRODUCT_ROWS = 1024
 
 def row_chunks(n: int, row_elems: int, itemsize: int = 8, min_rows: int = 1) -> Iterator[slice]:
     """Slices of at most ~CHUNK_BYTES for temporaries of `row_elems` elements per row (at least `min_rows` rows:
-    loops around big matrix products take 512, where BLAS runs near its peak)."""
+    loops around big matrix products take PRODUCT_ROWS, where BLAS runs near its peak)."""
     step = max(1, min_rows, CHUNK_BYTES // max(1, row_elems * itemsize))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
