@@ -94,7 +94,7 @@ def test_ash_sparse_product_equals_the_dense_one(variant, monkeypatch):
     calls = []
     real = shaping._sparse_energy
     monkeypatch.setattr(shaping, "_sparse_energy", lambda *a: calls.append(1) or real(*a))
-    sparse = M.get(name).score(data, data.id, p=97.0)  # 2 of 64 kept: within SPARSE_KEPT
+    sparse = M.get(name).score(data, data.id, p=97.0)  # 2 of 64 kept: within SPARSE_SHARE
     n_sparse = len(calls)
     assert n_sparse > 0
     monkeypatch.setattr(shaping, "sparse_module", lambda: None)  # the light core: no scipy

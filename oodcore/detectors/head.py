@@ -15,7 +15,7 @@ from oodcore.store.rundata import SplitArrays
 
 HEAD_RTOL = 1e-3  # |cached logit - f W^T - b| allowed, relative to the row's largest |logit| (at least 1)
 HEAD_CHECK_ROWS = 256
-SPARSE_SHARE = 1 / 32  # a product over at most this share of a chunk's activations goes through scipy's CSR
+SPARSE_SHARE = 1 / 32  # a product over at most this share of the activations goes through scipy's CSR
 
 
 def head_state(ctx: FitContext) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.head import contiguous_w_t, head_logits, head_state, sparse_module
+from oodcore.detectors.head import SPARSE_SHARE, contiguous_w_t, head_logits, head_state, sparse_module
 from oodcore.detectors.numerics import (
     PRODUCT_ROWS,
     affine_logsumexp,
@@ -104,14 +104,14 @@ def fit_head(ctx: FitContext) -> dict:
 
     def build():
         head = head_state(ctx)
-        return {"w_t": head["w_t"], "b": head["b"], "memo": ctx.row_memo("shaping"), "head": head}
+        return {"memo": ctx.row_memo("shaping"), "head": head}
 
     return ctx.shared("shaping_head", build)
 
 
 def _energy_of(shaped: np.ndarray, state: dict) -> np.ndarray:
     """-logsumexp(x W^T + b) of shaped rows (float32 product, float64 log-sum-exp)."""
-    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), contiguous_w_t(state["head"]), state["b"])
+    return -affine_logsumexp(np.asarray(shaped, dtype=np.float32), contiguous_w_t(state["head"]), state["head"]["b"])
 
 
 def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
@@ -119,9 +119,6 @@ def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
     if not 0.0 <= float(p) < 100.0:
         raise ValueError(f"p = {p} is outside [0, 100): a percentile of the activations to prune")
     return feats, kept_count(feats.shape[1], p)
-
-
-SPARSE_KEPT = 1 / 32  # at most this fraction kept: the pruned rows go through a sparse product (scipy, when installed)
 
 
 def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: dict):
@@ -138,7 +135,7 @@ def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: d
         (vals.astype(np.float32, copy=False), flat % keep.shape[1], np.arange(0, k * len(keep) + 1, k)),
         shape=keep.shape,
     )
-    return -bias_logsumexp(np.asarray(x @ contiguous_w_t(state["head"])), state["b"])
+    return -bias_logsumexp(np.asarray(x @ contiguous_w_t(state["head"])), state["head"]["b"])
 
 
 def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
@@ -146,7 +143,8 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
     n, d = feats.shape
     thr, s2, s1 = _topk(state, feats, k)
     out = np.empty(n)
-    sparse = k <= SPARSE_KEPT * d and sparse_module() is not None
+    # at most SPARSE_SHARE of a row kept: the pruned rows go through a sparse product (scipy, when installed)
+    sparse = k <= SPARSE_SHARE * d and sparse_module() is not None
 
     def rows(sl: slice) -> None:
         f = np.asarray(feats[sl], dtype=np.float32)
@@ -167,7 +165,7 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
                 shaped *= factor[:, None]
         out[sl] = _energy_of(shaped, state)
 
-    map_row_chunks(n, 3 * d + state["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
+    map_row_chunks(n, 3 * d + state["head"]["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 
@@ -252,7 +250,7 @@ def scale(state, rows, p):
     if logits is not None:  # (f r) W^T + b = r (f W^T) + (b - r b): the cached logits, rescaled
 
         def logit_rows(sl: slice) -> None:
-            out[sl] = -rescaled_logsumexp(logits[sl], factor[sl], state["b"])
+            out[sl] = -rescaled_logsumexp(logits[sl], factor[sl], state["head"]["b"])
 
         map_row_chunks(n, logits.shape[1], logit_rows)
         return out
@@ -261,7 +259,7 @@ def scale(state, rows, p):
         f = np.asarray(feats[sl], dtype=np.float32) * factor[sl].astype(np.float32)[:, None]
         out[sl] = _energy_of(f, state)
 
-    map_row_chunks(n, d + state["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
+    map_row_chunks(n, d + state["head"]["w_t"].shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
 
 
@@ -277,9 +275,8 @@ def _bin_index(x: np.ndarray, lefts: np.ndarray, width: float) -> tuple[np.ndarr
     """
     n = len(lefts)
     edges = np.concatenate([[-np.inf], lefts, [np.inf]])  # edges[j] <= x < edges[j + 1] for j = index + 1
-    upper = edges[
-        1:
-    ].copy()  # upper[j] = edges[j + 1], but NaN above the last bin: no value (not even +inf) moves past it
+    # upper[j] = edges[j + 1], but NaN above the last bin: no value (not even +inf) moves past it
+    upper = edges[1:].copy()
     upper[-1] = np.nan
     if width > 0:
         est = x - lefts[0]
