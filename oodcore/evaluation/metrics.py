@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from oodcore.evaluation.replicates import replicate_metrics
-from oodcore.evaluation.resample import bootstrap_indices, bootstrap_weights, first_true
+from oodcore.evaluation.resample import TPR_LEVEL, bootstrap_indices, bootstrap_weights, first_true
 
 __all__ = [
     "METRIC_NAMES",
@@ -62,8 +62,6 @@ METRIC_DESCRIPTIONS = {
 }
 
 LOWER_IS_BETTER = {"fpr95", "fpr95_in"}
-
-_TPR_LEVEL = 0.95
 
 
 # --------------------------------------------------------------------------- input
@@ -253,7 +251,7 @@ def _metrics_from_prefix(c_id: np.ndarray, c_ood: np.ndarray, id_groups=None, oo
     # reaches 0.95 is the *last* such column in descending order (id_le falls along a row,
     # so the columns meeting it are a prefix: the last one is found by binary search).
     n_cols = id_le.shape[1]
-    k95_in = n_cols - 1 - first_true(lambda r, j: id_le[r, n_cols - 1 - j] / t_id[r] >= _TPR_LEVEL, b, n_cols)
+    k95_in = n_cols - 1 - first_true(lambda r, j: id_le[r, n_cols - 1 - j] / t_id[r] >= TPR_LEVEL, b, n_cols)
     fpr95_in = ood_le[rows, k95_in] / t_ood
     tot_le = np.add(ood_le, id_le, out=ood_le)
     # id_le <= tot_le, so where tot_le == 0 id_le is 0 too and is left as precision 0.
@@ -279,7 +277,7 @@ def _ood_side(co_before, co, ci_before, ci, t_id, t_ood) -> dict[str, np.ndarray
     prec = np.divide(co, tot, out=np.zeros_like(tot), where=tot > 0)
     aupr_out = (d_ood * prec).sum(axis=1) / t_ood
     # FPR@95 (OOD+): first threshold from the top with tpr >= 0.95.
-    k95 = first_true(lambda r, j: co[r, j] / t_ood[r] >= _TPR_LEVEL, b, co.shape[1])
+    k95 = first_true(lambda r, j: co[r, j] / t_ood[r] >= TPR_LEVEL, b, co.shape[1])
     fpr95 = ci[np.arange(b), k95] / t_id
     return {"auroc": auroc, "aupr_out": aupr_out, "fpr95": fpr95}
 
@@ -408,7 +406,7 @@ def roc_points(scores_id, scores_ood, max_points: int = 400) -> dict[str, np.nda
     fpr = np.concatenate([[0.0], c_id / c_id[-1]])
     tpr = np.concatenate([[0.0], c_ood / c_ood[-1]])
     threshold = np.concatenate([[np.inf], thr])
-    k95 = int(np.searchsorted(tpr, _TPR_LEVEL, side="left"))
+    k95 = int(np.searchsorted(tpr, TPR_LEVEL, side="left"))
     keep = _downsample(fpr, tpr, max_points, must=[k95])
     return {"fpr": fpr[keep], "tpr": tpr[keep], "threshold": threshold[keep]}
 

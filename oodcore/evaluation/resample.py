@@ -11,6 +11,8 @@ import functools
 
 import numpy as np
 
+TPR_LEVEL = 0.95  # the operating point of both FPR@95 metrics (the core's and the bootstrap's replicate path)
+
 
 def first_true(pred, b: int, n: int) -> np.ndarray:
     """Per row r < b: the first column j < n where pred(r, j) holds, for a predicate that, along a row,
