@@ -243,8 +243,8 @@ def test_faiss_and_numpy_search_agree(k):
     pytest.importorskip("faiss")
     rng = np.random.default_rng(0)
     bank, q = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(50, 16)).astype(np.float32)
-    a = search.top_similarities(q, bank, k, use_faiss=True)
-    b = search.top_similarities(q, bank, k, use_faiss=False)
+    a = search.top_neighbours(q, bank, k, use_faiss=True)[0]
+    b = search.top_neighbours(q, bank, k, use_faiss=False)[0]
     exact = -np.sort(-(q.astype(np.float64) @ bank.T.astype(np.float64)), axis=1)[:, :k]
     assert a.shape == b.shape == (50, k)
     assert np.allclose(a, exact, atol=1e-5) and np.allclose(b, exact, atol=1e-5)

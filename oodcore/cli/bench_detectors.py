@@ -103,7 +103,7 @@ def bench_detectors(data, n_boot: int = 200, slider: bool = True, folder=None) -
     if folder is not None:
         from oodcore.detectors.persist import attach
 
-        data.meta = {**(data.meta or {}), "key": data.meta.get("key") if data.meta else "bench"}
+        data.meta = {"key": "bench", **(data.meta or {})}  # the stored states' key: the run's own, else "bench"
         attach(data, folder)
     cold, cold_rows, _ = _pass(data, methods, n_boot)
     warm_data = data

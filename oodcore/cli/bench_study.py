@@ -274,13 +274,6 @@ def fit_peak(path: Path, method: str, n_query: int = 1000) -> dict:
     }
 
 
-def _available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return float("inf")
-
-
 def _free_disk_mb(folder: Path) -> float:
     stat = os.statvfs(folder)
     return stat.f_bavail * stat.f_frsize / 2**20

@@ -131,11 +131,6 @@ def top_neighbours(
     return sims_out, idx_out
 
 
-def top_similarities(queries: np.ndarray, bank: np.ndarray, k: int, use_faiss: bool | None = None) -> np.ndarray:
-    """(N, k) float32: each query row's k largest inner products with the bank rows, descending (exact search)."""
-    return top_neighbours(queries, bank, k, use_faiss)[0]
-
-
 def normalised32(x: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm (float64 norms), as float32."""
     out = np.empty(x.shape, dtype=np.float32)
