@@ -361,6 +361,36 @@ def test_mahalanobis_ignores_a_dead_feature_instead_of_blowing_up():
     assert s_id == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("rank", [400, 250])
+def test_the_whitening_factor_is_triangular_and_its_panels_skip_only_zeros(rank):
+    """L L^T is the ridged pseudo-inverse (also at reduced rank), L is lower-trapezoidal, and the panel product equals
+    the dense one to float32 rounding, for the triangular factor and for a dense one (a state fitted before)."""
+    from oodcore.detectors.distance import PANEL_COLUMNS, RIDGE, whiten, whitener, whitening
+
+    rng = np.random.default_rng(rank)
+    a = rng.normal(size=(400, rank))
+    cov = a @ a.T / rank
+    lw = whitener(cov)
+    evals, evecs = np.linalg.eigh(cov)
+    eps = RIDGE * evals[-1]
+    keep = evals > eps
+    pinv = (evecs[:, keep] / (evals[keep] + eps)) @ evecs[:, keep].T
+    assert lw.shape == (400, int(keep.sum()))
+    assert np.abs(lw @ lw.T - pinv).max() <= 1e-9 * np.abs(pinv).max()
+    assert not np.triu(lw, 1).any()
+    panels = whitening(lw)
+    assert len(panels) == -(-lw.shape[1] // PANEL_COLUMNS)
+    assert [r0 for _, _, r0, _ in panels] == [c0 for c0, _, _, _ in panels]  # each panel starts at its diagonal
+    x = rng.normal(size=(300, 400)).astype(np.float32)
+    dense = x.astype(np.float64) @ lw
+    for factor in (lw, evecs[:, keep] / np.sqrt(evals[keep] + eps)):
+        got = whiten(x, whitening(factor))
+        exact = x.astype(np.float64) @ factor
+        assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+        # the same distances from either factor
+        assert np.einsum("ij,ij->i", got, got, dtype=np.float64) == pytest.approx((dense**2).sum(1), rel=1e-4)
+
+
 @pytest.mark.parametrize("k", [1, 5, 50, 10_000])
 def test_knn_against_brute_force(k):
     rng = np.random.default_rng(3)

@@ -31,7 +31,7 @@ from oodcore.store.cache import key_of
 from oodcore.store.integrity import CacheError, load_arrays
 from oodcore.store.rundata import BenchmarkData
 
-FIT_VERSION = 2  # 2: per-split tables stored; ViM's state is the full eigenbasis
+FIT_VERSION = 3  # 2: per-split tables stored; ViM's state is the full eigenbasis; 3: triangular whitening factors
 FITTED_DIR = "fitted"
 _SEP = "/"
 
