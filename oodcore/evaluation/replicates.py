@@ -109,10 +109,10 @@ def _cumsum_rows(x: np.ndarray, m: int = 32) -> np.ndarray:
 
 def _ood_cumulative(layout: _Layout, c_ood_t: np.ndarray) -> np.ndarray:
     """(K, b) OOD weight through each OOD tie group, from the (n_ood, b) counts."""
-    w = c_ood_t[layout.ood_order].astype(np.float64)
-    if layout.ood_starts is not None:
-        w = np.add.reduceat(w, layout.ood_starts, axis=0)
-    return _cumsum_rows(w)
+    w = _cumsum_rows(c_ood_t[layout.ood_order].astype(np.float64))
+    if layout.ood_starts is None:
+        return w
+    return w[np.append(layout.ood_starts[1:], w.shape[0]) - 1]  # read at each group's last sample (see `_id_pass`)
 
 
 def _id_pass(layout: _Layout, c_id_t: np.ndarray, ole: np.ndarray, t_id: np.ndarray) -> tuple:
@@ -136,12 +136,17 @@ def _id_pass(layout: _Layout, c_id_t: np.ndarray, ole: np.ndarray, t_id: np.ndar
         g1 = min(g0 + _ROWS, n_groups)
         if starts is None:
             a = c_id_t[layout.id_order[g0:g1]].astype(_INT)
+            id_le = _cumsum_rows(a.copy())
         else:
+            # the cumulative sum over the chunk's samples, read at each group's last sample, is the cumulative sum
+            # over its groups (np.add.reduceat down rows would cost a call per group); a group's weight is its step
             s0 = starts[g0]
             s1 = starts[g1] if g1 < n_groups else layout.id_order.size
-            a = np.add.reduceat(c_id_t[layout.id_order[s0:s1]].astype(_INT), starts[g0:g1] - s0, axis=0)
+            id_le = _cumsum_rows(c_id_t[layout.id_order[s0:s1]].astype(_INT))[
+                np.append(starts[g0 + 1 : g1], s1) - s0 - 1
+            ]
+            a = np.diff(id_le, axis=0, prepend=0)
         # ID weight at or below each group: the total less the weight in the groups before it (integers: exact)
-        id_le = _cumsum_rows(a.copy())
         np.subtract((t_int - carry).astype(_INT), id_le, out=id_le)
         id_le += a
         carry = t_int - id_le[-1] + a[-1]
