@@ -115,7 +115,8 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     """min_k ||y - m_k||^2 per row with y = (f - μ_0) L: the minimum squared class Mahalanobis distance.
 
     Centred at μ_0 and whitened by float32 products (the float64 decomposition cast once);
-    norms and the combination ||y||^2 - 2 y·m_k + ||m_k||^2 in float64.
+    norms and the combination in float64: min_k (||m_k||^2 - 2 y·m_k), then + ||y||^2 (the same for every k,
+    so it is added to the N minima instead of the N x K distances).
     """
     mu0 = state["mu0"].astype(np.float32)
     lw = whitening(state["L"])
@@ -127,9 +128,8 @@ def _class_min(features: np.ndarray, state: dict) -> np.ndarray:
     def rows(sl: slice) -> None:
         y = whiten(np.asarray(features[sl], dtype=np.float32) - mu0, lw)
         y_sq = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        md = np.add(y @ means_t, y_sq[:, None], dtype=np.float64)  # -2 y·m + y_sq, then + m_sq: in that order
-        md += m_sq[None, :]
-        out[sl] = np.maximum(md.min(axis=1), 0.0)
+        md = np.add(y @ means_t, m_sq[None, :], dtype=np.float64)  # widened and offset in one pass
+        out[sl] = np.maximum(md.min(axis=1) + y_sq, 0.0)
 
     map_row_chunks(len(features), 2 * features.shape[1] + 2 * means_t.shape[1], rows, min_rows=PRODUCT_ROWS)
     return out
