@@ -234,6 +234,36 @@ def test_dice_masks_the_smallest_contributions_on_a_tiny_head():
     assert s0 == pytest.approx(energy(f @ (w * np.array([[1, 0, 1], [1, 1, 1]])).T + b), rel=1e-6)
 
 
+def test_dice_sparse_head_product_equals_the_dense_one(monkeypatch):
+    """At p = 90 DICE keeps 10% of the weights: the product runs over them only (scipy's CSR), equal to the dense
+    product of the light core (float32 sums in another order) and to the formula."""
+    from oodcore.detectors import head as F
+
+    data = feature_data(n_id=300, n_ood=200, d=64, k=20)
+    w = M.get("dice").state(data, p=90.0)["w"]
+    assert np.count_nonzero(w) <= F.SPARSE_SHARE * w.size
+    expected = energy(data.id.features @ w.T.astype(np.float64) + data.head_bias)
+    real, used = F.sparse_module(), []
+
+    class Counting:
+        @staticmethod
+        def csr_matrix(*a, **k):
+            used.append(1)
+            return real.csr_matrix(*a, **k)
+
+    monkeypatch.setattr(F, "sparse_module", lambda: Counting)
+    sparse = M.get("dice").score(data, data.id, p=90.0)
+    assert used
+    monkeypatch.setattr(F, "sparse_module", lambda: None)
+    dense = M.get("dice").score(data, data.id, p=90.0)
+    assert sparse == pytest.approx(dense, rel=1e-6, abs=1e-6)
+    assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    monkeypatch.setattr(F, "sparse_module", lambda: Counting)
+    used.clear()
+    M.get("dice").score(data, data.id, p=50.0)  # half the weights kept: the dense product
+    assert not used
+
+
 def test_gradnorm_closed_form_equals_autograd():
     torch = pytest.importorskip("torch")
     data = feature_data(k=4, d=5)

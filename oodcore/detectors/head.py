@@ -10,7 +10,13 @@ import weakref
 import numpy as np
 
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.numerics import PRODUCT_ROWS, affine_logsumexp, logsumexp_inplace, map_row_chunks
+from oodcore.detectors.numerics import (
+    PRODUCT_ROWS,
+    affine_logsumexp,
+    bias_logsumexp,
+    logsumexp_inplace,
+    map_row_chunks,
+)
 from oodcore.store.rundata import SplitArrays
 
 HEAD_RTOL = 1e-3  # |cached logit - f W^T - b| allowed, relative to the row's largest |logit| (at least 1)
@@ -81,6 +87,9 @@ def head_logits(head: dict, rows: SplitArrays) -> np.ndarray | None:
     return logits if ok else None
 
 
+SPARSE_ROWS = 256  # rows per chunk of the sparse-weight product: f^T and the (K, rows) product stay in cache
+
+
 def head_energy(
     features: np.ndarray, weight: np.ndarray, bias: np.ndarray, clip: float | None = None, logits=None, head=None
 ) -> np.ndarray:
@@ -89,14 +98,23 @@ def head_energy(
     With `logits` (the rows' cached logits, when they are this head's output: `head_logits`) and `head`, a
     chunk in which at most SPARSE_SHARE of the activations exceed the clip (a high percentile) is scored as
     logits - (f - clip)^+ W^T: a sparse correction over those activations only (scipy, when installed).
+    Without a clip, a weight with at most SPARSE_SHARE nonzero entries (DICE's masked head) is multiplied
+    over those entries only, as W f^T (scipy's CSR product, when installed).
     """
     w_t = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
     b = np.asarray(bias, dtype=np.float64)
     out = np.empty(len(features))
     sparse = sparse_module() if clip is not None and logits is not None and head is not None else None
+    sparse_w = None
+    if clip is None and sparse_module() is not None and np.count_nonzero(w_t) <= SPARSE_SHARE * w_t.size:
+        sparse_w = sparse_module().csr_matrix(w_t.T)  # (K, D): the nonzero weights, row by row
 
     def rows(sl: slice) -> None:
         f = np.asarray(features[sl], dtype=np.float32)
+        if sparse_w is not None:  # (W f^T)^T: f^T C-ordered (D, rows), so each weight scales one contiguous row
+            prod = sparse_w @ np.ascontiguousarray(f.T)
+            out[sl] = -bias_logsumexp(np.ascontiguousarray(prod.T), b)
+            return
         if clip is not None:
             c = np.float32(clip)
             if sparse is not None:
@@ -114,5 +132,6 @@ def head_energy(
             f = np.minimum(f, c)
         out[sl] = -affine_logsumexp(f, w_t, b)
 
-    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=PRODUCT_ROWS)
+    chunk_rows = SPARSE_ROWS if sparse_w is not None else PRODUCT_ROWS
+    map_row_chunks(len(features), features.shape[1] + 2 * w_t.shape[1], rows, min_rows=chunk_rows)
     return out
