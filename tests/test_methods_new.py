@@ -104,6 +104,18 @@ def test_ash_sparse_product_equals_the_dense_one(variant, monkeypatch):
     assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
+def test_ash_p_prunes_a_non_finite_activation_to_zero():
+    """ASH-P zeroes pruned activations by a product with the mask; a pruned -inf must still become 0 (not NaN)."""
+    data = feature_data(d=8, n_id=30, n_ood=20)
+    f = np.array(data.id.features, dtype=np.float32)
+    f[3, int(np.argmin(f[3]))] = -np.inf  # the row's smallest: pruned at p = 60
+    data.id = SplitArrays(data.id.logits, f, data.id.labels, data.id.paths)
+    w, b = head_of(data)
+    got = M.get("ash_p").score(data, data.id, p=60.0)
+    assert np.all(np.isfinite(got))
+    assert got == pytest.approx(energy(hand_shape(np.where(np.isfinite(f), f, -1e30), 60.0, "p") @ w.T + b), rel=1e-5)
+
+
 def test_ash_keeps_exactly_k_on_ties():
     data = feature_data(d=6)
     f = np.array([[3.0, 1.0, 1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])

@@ -160,7 +160,11 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
             if sparse:
                 out[sl] = _sparse_energy(f, keep, factor, k, state)
                 return
-            shaped = np.where(keep, f, np.float32(0))
+            # f x keep: branch-free (np.where on a random mask is ~12x slower), exact for finite f (f or ±0, which
+            # add nothing to the product); a chunk with a non-finite activation takes np.where (NaN x 0 is NaN)
+            shaped = np.multiply(f, keep, dtype=np.float32)
+            if not np.isfinite(f).all():
+                shaped = np.where(keep, f, np.float32(0))
             if factor is not None:  # ASH-S: rescale the kept activations by exp(s1 / s2)
                 shaped *= factor[:, None]
         out[sl] = _energy_of(shaped, state)
