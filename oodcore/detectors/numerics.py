@@ -24,16 +24,26 @@ def exp_shifted(z: np.ndarray) -> np.ndarray:
     an ulp of 1): log-sum-exp and every value from these sums are the same as with np.exp.  Not for values
     used one by one (a probability of 1e-310 would become 1e-304): those use np.exp.
     """
-    np.maximum(z, EXP_FLOOR, out=z)
+    if z.size and z.min() < EXP_FLOOR:  # raising nothing leaves z as it is: the pass is skipped when so
+        np.maximum(z, EXP_FLOOR, out=z)
     return np.exp(z, out=z)
 
 
+LSE_ROWS = 128  # rows per block of the log-sum-exp: 128 x 1000 float64 (1 MB) stay in L2 across its passes
+
+
 def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(max, logsumexp) per row of one 2-D chunk, float64, with one temporary (the chunk's float64 copy)."""
-    z = np.array(x, dtype=np.float64)  # always a private copy: the ops below run in place
-    if scale is not None:
-        z /= scale
-    return _max_lse_inplace(z)
+    """(max, logsumexp) per row of one 2-D chunk, float64, with one block-sized temporary: each block of rows is
+    widened (and divided by `scale`) into it, then reduced in place."""
+    m, out = np.empty(len(x)), np.empty(len(x))
+    buf = np.empty((min(LSE_ROWS, len(x)), x.shape[1]))
+    for start in range(0, len(x), LSE_ROWS):
+        blk = buf[: min(LSE_ROWS, len(x) - start)]
+        np.copyto(blk, x[start : start + len(blk)], casting="unsafe")  # as np.array(x, dtype=np.float64)
+        if scale is not None:
+            blk /= scale
+        m[start : start + len(blk)], out[start : start + len(blk)] = _block_lse(blk)
+    return m, out
 
 
 def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.ndarray:
@@ -66,10 +76,16 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
 
 
 def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """logsumexp(product + b) per row of one chunk: the product widened to float64, the bias and log-sum-exp."""
-    # widened and biased in one pass, into a new array
-    z = np.add(product, np.asarray(b, dtype=np.float64), dtype=np.float64)
-    return logsumexp_inplace(z)
+    """logsumexp(product + b) per row of one chunk: the product widened to float64 with the bias, block by block
+    (one pass each, into a block-sized temporary), and log-sum-exp."""
+    b = np.asarray(b, dtype=np.float64)
+    out = np.empty(len(product))
+    buf = np.empty((min(LSE_ROWS, len(product)), product.shape[1]))
+    for start in range(0, len(product), LSE_ROWS):
+        blk = buf[: min(LSE_ROWS, len(product) - start)]
+        np.add(product[start : start + len(blk)], b, out=blk, dtype=np.float64)
+        out[start : start + len(blk)] = _block_lse(blk)[1]
+    return out
 
 
 def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
@@ -78,7 +94,16 @@ def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
 
 
 def _max_lse_inplace(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(max, logsumexp) per row of one float64 chunk, z overwritten as the workspace."""
+    """(max, logsumexp) per row of one float64 chunk, z overwritten as the workspace, LSE_ROWS rows at a time."""
+    m, out = np.empty(len(z)), np.empty(len(z))
+    for start in range(0, len(z), LSE_ROWS):
+        sl = slice(start, start + LSE_ROWS)
+        m[sl], out[sl] = _block_lse(z[sl])
+    return m, out
+
+
+def _block_lse(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of a float64 block, z overwritten: every pass runs on data still in cache."""
     m = z.max(axis=1, keepdims=True)
     z -= m
     exp_shifted(z)
