@@ -183,6 +183,22 @@ def test_arch_arguments_are_validated(tmp_path, capsys):
     assert main(base + ["--arch", "a", "--chunk-size", "0"]) == 2
 
 
+def test_a_demo_build_ends_with_its_report_stored(demo_cache, tmp_path, monkeypatch):
+    """The leaderboard's first view of a freshly built demo reads the report instead of scoring every method."""
+    from oodcore.extraction import demo
+
+    root = tmp_path / "c"
+    shutil.copytree(demo_cache, root)
+    (cache.arch_dir(root, "demo", "digits_cnn") / stored.REPORT_FILE).unlink(missing_ok=True)
+    assert stored.read_stored(root, "demo", "digits_cnn", n_boot=200) is None
+    monkeypatch.setattr(demo, "is_built", lambda root: False)  # rebuild: every intact artifact is reused
+    said = []
+    demo.build_demo(root, progress=lambda message, fraction: said.append((message, fraction)))
+    assert said[-1] == ("scoring every detector", 1.0)
+    report = stored.read_stored(root, "demo", "digits_cnn", n_boot=200)  # the leaderboard's bootstrap setting
+    assert report is not None and {r["method"] for r in report["results"]} >= {"msp", "knn", "vim", "ash_p"}
+
+
 def test_stored_report_is_reused_and_only_trained_rows_are_added(demo_cache, tmp_path, monkeypatch):
     root = tmp_path / "c"
     shutil.copytree(demo_cache, root)

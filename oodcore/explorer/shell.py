@@ -22,7 +22,8 @@ _PHASES = (
     ("training", 0.0, 0.3),
     ("extracting", 0.3, 0.45),
     ("ODIN grid on id", 0.45, 0.6),
-    ("ODIN grid on ood", 0.6, 1.0),
+    ("ODIN grid on ood", 0.6, 0.9),
+    ("scoring every detector", 0.9, 1.0),
 )
 
 
