@@ -1,7 +1,7 @@
 """Bench parts that run a network: extraction and the ODIN grid against the plain way, and the CUDA figures.
 
 (a) extraction: our pass (uint8 decoding workers, one normalisation per batch, channels-last,
-    a traced + frozen network, threads matched to the workers, JPEG thumbnails from the workers,
+    a traced + frozen network on every core beside the workers, JPEG thumbnails from the workers,
     chunks streamed to the artifact) vs a plain torchvision ImageFolder + DataLoader + forward loop;
     the time per stage (decode, resize, tensor conversion, thumbnail, network) is reported too;
 (b) the ODIN grid: one forward, one backward per T, every perturbed input stacked, vs the
@@ -42,11 +42,6 @@ def timed(fn):
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
-
-
-def matched_threads(workers: int) -> int:
-    """Intra-op threads for the network when `workers` processes decode beside it: the cores they leave."""
-    return max(1, (os.cpu_count() or 1) - workers)
 
 
 def stage_split(bundle, root: Path, entries, n: int = 32) -> dict:
@@ -91,7 +86,7 @@ def bench_extraction(bundle, image_root: Path, workers: int, batch_size: int, de
     entries = scan_image_folder(image_root).entries
     n = len(entries)
     c, h, w = bundle.input_size
-    threads = matched_threads(workers) if device == "cpu" else None
+    threads = torch.get_num_threads() if device == "cpu" else None  # every core, as `run` (see runner.py)
     stages = stage_split(bundle, image_root, entries)
 
     def plain():
