@@ -19,6 +19,7 @@ from oodcore.detectors.numerics import (
     log_softmax,
     logsumexp,
     map_row_chunks,
+    max_logsumexp,
     max_softmax,
     row_chunks,
     softmax_parts,
@@ -31,10 +32,30 @@ STUDY_TEMPERATURES = (1.0, 10.0, 100.0, 1000.0)
 STUDY_EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.0024, 0.005)
 
 
-@register("msp", "MSP", paper="Hendrycks & Gimpel 2017, A Baseline for Detecting Misclassified and OOD Examples")
+def logit_stats(ctx: FitContext) -> dict:
+    """Nothing fitted: a memory-only per-split memo ("~logits") of each row's max logit and log-sum-exp (T = 1),
+    shared by MSP, Energy and NNGuide within the process, so the first of them computes it for all three."""
+    return ctx.shared("logit_stats", lambda: {"memo": ctx.row_memo("~logits")})
+
+
+def max_and_lse(state: dict | None, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of the logits at T = 1 (`numerics.max_logsumexp`), from the split's memo when
+    `state` has one (a state of `logit_stats`), else computed."""
+    if state is None:
+        return max_logsumexp(logits)
+    return state["memo"].get("max_lse", logits, lambda: max_logsumexp(logits))
+
+
+@register(
+    "msp",
+    "MSP",
+    fit=logit_stats,
+    paper="Hendrycks & Gimpel 2017, A Baseline for Detecting Misclassified and OOD Examples",
+)
 def msp(state, rows):
-    """Negative maximum softmax probability."""
-    return -max_softmax(rows.logits)
+    """Negative maximum softmax probability, exp(max - logsumexp) (`numerics.max_softmax` at T = 1)."""
+    m, lse = max_and_lse(state, rows.logits)
+    return -np.exp(m - lse)
 
 
 @register("maxlogit", "MaxLogit", paper="Hendrycks et al. 2022, Scaling OOD Detection to Real-World Settings")
@@ -48,10 +69,13 @@ def maxlogit(state, rows):
     "energy",
     "Energy",
     params=(Param("T", "temperature T", 1.0, 0.1, 1000.0, "log", help="E(x) = -T logsumexp(f(x)/T)"),),
+    fit=logit_stats,
     paper="Liu et al. 2020, Energy-based Out-of-distribution Detection",
 )
 def energy(state, rows, T):
     """The free energy E(x) = -T logsumexp(f(x)/T); high energy = OOD."""
+    if T == 1.0:  # dividing by 1 changes nothing: the split's shared log-sum-exp
+        return -max_and_lse(state, rows.logits)[1]
     return -T * logsumexp(rows.logits, scale=T)
 
 

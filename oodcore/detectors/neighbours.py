@@ -10,6 +10,7 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
+from oodcore.detectors.logits import logit_stats, max_and_lse
 from oodcore.detectors.numerics import logsumexp, slider_values
 from oodcore.detectors.registry import Param, register
 from oodcore.detectors.search import QUERY_BATCH, Bank, normalised32
@@ -32,7 +33,7 @@ def fit_nnguide(ctx: FitContext) -> dict:
     searched block by block (`search.Bank`), so a fit set of ImageNet-train size is never copied whole."""
     fit = ctx.require_fit(features=True)
     conf = logsumexp(fit.logits).astype(np.float32)
-    return {"bank": Bank(fit.features, scale=conf), "memo": ctx.row_memo("nnguide")}
+    return {"bank": Bank(fit.features, scale=conf), "memo": ctx.row_memo("nnguide"), "logits": logit_stats(ctx)}
 
 
 def _guidance_table(state: dict, feats: np.ndarray) -> dict:
@@ -66,7 +67,7 @@ def nnguide(state, rows, k):
     """
     feats = split_features(rows)
     kk = int(min(max(1, round(k)), len(state["bank"])))
-    conf = logsumexp(rows.logits)
+    conf = max_and_lse(state.get("logits"), rows.logits)[1]  # shared with MSP and Energy
     table = state["memo"].get("guidance", feats, lambda: _guidance_table(state, feats))
     col = int(np.searchsorted(table["ks"], kk))
     if col < len(table["ks"]) and table["ks"][col] == kk:  # a value the slider offers: a column read

@@ -120,6 +120,19 @@ def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) ->
     return logsumexp_inplace(z)
 
 
+def max_logsumexp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row in float64 (row chunks on all cores): -logsumexp is the energy at T = 1 and
+    exp(max - logsumexp) the maximum softmax probability, the very values `logsumexp` and `max_softmax` give."""
+    x = np.asarray(logits)
+    m, lse = np.empty(len(x)), np.empty(len(x))
+
+    def rows(sl: slice) -> None:
+        m[sl], lse[sl] = _lse_rows(x[sl])
+
+    map_row_chunks(len(x), x.shape[1], rows)
+    return m, lse
+
+
 def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability (row chunks, float64)."""
     x = np.asarray(logits)
