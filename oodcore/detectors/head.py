@@ -14,7 +14,7 @@ from oodcore.detectors.numerics import (
     PRODUCT_ROWS,
     affine_logsumexp,
     bias_logsumexp,
-    logsumexp_inplace,
+    difference_logsumexp,
     map_row_chunks,
 )
 from oodcore.store.rundata import SplitArrays
@@ -125,9 +125,8 @@ def head_energy(
                     indptr = np.zeros(len(f) + 1, dtype=np.int64)
                     np.cumsum(np.bincount(over // d, minlength=len(f)), out=indptr[1:])
                     excess = sparse.csr_matrix((f.ravel()[over] - c, over % d, indptr), shape=f.shape)
-                    z = np.array(logits[sl], dtype=np.float64)  # a copy: the cached logits stay as they are
-                    z -= excess @ contiguous_w_t(head)
-                    out[sl] = -logsumexp_inplace(z)
+                    # widened and corrected into a buffer: the cached logits stay as they are
+                    out[sl] = -difference_logsumexp(logits[sl], excess @ contiguous_w_t(head))
                     return
             f = np.minimum(f, c)
         out[sl] = -affine_logsumexp(f, w_t, b)

@@ -15,6 +15,7 @@ import numpy as np
 from oodcore.detectors.errors import MethodUnavailable
 from oodcore.detectors.fitting import FitContext
 from oodcore.detectors.numerics import (
+    LSE_ROWS,
     PRODUCT_ROWS,
     log_softmax,
     logsumexp,
@@ -246,9 +247,14 @@ def kl_matching(state, rows):
     out = np.empty(len(logits))
 
     def chunk(sl: slice) -> None:
-        parts = softmax_parts(np.asarray(logits[sl], dtype=np.float64))
-        neg_h = (parts["p"] * parts["lp"]).sum(axis=1)
-        cross = (parts["p"].astype(np.float32) @ log_d_t).max(axis=1)  # the one big product, in float32
+        rows = logits[sl]
+        p32, neg_h = np.empty(rows.shape, dtype=np.float32), np.empty(len(rows))
+        for start in range(0, len(rows), LSE_ROWS):  # the softmax block by block, while the block is in cache
+            blk = slice(start, start + LSE_ROWS)
+            parts = softmax_parts(np.asarray(rows[blk], dtype=np.float64))
+            neg_h[blk] = (parts["p"] * parts["lp"]).sum(axis=1)
+            p32[blk] = parts["p"]
+        cross = (p32 @ log_d_t).max(axis=1)  # the one big product, in float32
         out[sl] = neg_h - cross.astype(np.float64)
 
     map_row_chunks(len(logits), 4 * logits.shape[1] + log_d_t.shape[1], chunk, min_rows=PRODUCT_ROWS)

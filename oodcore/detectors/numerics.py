@@ -75,17 +75,27 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
     return bias_logsumexp(f32 @ w_t, b)
 
 
-def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """logsumexp(product + b) per row of one chunk: the product widened to float64 with the bias, block by block
-    (one pass each, into a block-sized temporary), and log-sum-exp."""
-    b = np.asarray(b, dtype=np.float64)
-    out = np.empty(len(product))
-    buf = np.empty((min(LSE_ROWS, len(product)), product.shape[1]))
-    for start in range(0, len(product), LSE_ROWS):
-        blk = buf[: min(LSE_ROWS, len(product) - start)]
-        np.add(product[start : start + len(blk)], b, out=blk, dtype=np.float64)
+def _blocked_lse(x: np.ndarray, widen: Callable[[slice, np.ndarray], None]) -> np.ndarray:
+    """logsumexp per row of a float64 array that `widen(rows, buf)` writes block by block into a block-sized
+    buffer (LSE_ROWS rows), each block reduced in place while it is still in cache."""
+    out = np.empty(len(x))
+    buf = np.empty((min(LSE_ROWS, len(x)), x.shape[1]))
+    for start in range(0, len(x), LSE_ROWS):
+        blk = buf[: min(LSE_ROWS, len(x) - start)]
+        widen(slice(start, start + len(blk)), blk)
         out[start : start + len(blk)] = _block_lse(blk)[1]
     return out
+
+
+def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """logsumexp(product + b) per row of one chunk: the product widened to float64 with the bias (one pass a block)."""
+    b = np.asarray(b, dtype=np.float64)
+    return _blocked_lse(product, lambda sl, blk: np.add(product[sl], b, out=blk, dtype=np.float64))
+
+
+def difference_logsumexp(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """logsumexp(a - c) per row of one chunk, both widened to float64 and subtracted in one pass a block."""
+    return _blocked_lse(a, lambda sl, blk: np.subtract(a[sl], c[sl], out=blk, dtype=np.float64))
 
 
 def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
@@ -113,11 +123,15 @@ def _block_lse(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(factor (z - b) + b) per row of one chunk of a linear head's outputs z = f W^T + b (float64):
     the log-sum-exp of the head on the rows' features scaled by `factor`, without the product."""
-    z = np.array(logits, dtype=np.float64)
-    z -= b
-    z *= np.asarray(factor, dtype=np.float64)[:, None]
-    z += b
-    return logsumexp_inplace(z)
+    factor = np.asarray(factor, dtype=np.float64)[:, None]
+
+    def widen(sl: slice, blk: np.ndarray) -> None:
+        np.copyto(blk, logits[sl], casting="unsafe")
+        blk -= b
+        blk *= factor[sl]
+        blk += b
+
+    return _blocked_lse(logits, widen)
 
 
 def max_logsumexp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
