@@ -35,15 +35,13 @@ LSE_ROWS = 128  # rows per block of the log-sum-exp: 128 x 1000 float64 (1 MB) s
 def _lse_rows(x: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(max, logsumexp) per row of one 2-D chunk, float64, with one block-sized temporary: each block of rows is
     widened (and divided by `scale`) into it, then reduced in place."""
-    m, out = np.empty(len(x)), np.empty(len(x))
-    buf = np.empty((min(LSE_ROWS, len(x)), x.shape[1]))
-    for start in range(0, len(x), LSE_ROWS):
-        blk = buf[: min(LSE_ROWS, len(x) - start)]
-        np.copyto(blk, x[start : start + len(blk)], casting="unsafe")  # as np.array(x, dtype=np.float64)
+
+    def widen(sl: slice, blk: np.ndarray) -> None:
+        np.copyto(blk, x[sl], casting="unsafe")  # as np.array(x, dtype=np.float64)
         if scale is not None:
             blk /= scale
-        m[start : start + len(blk)], out[start : start + len(blk)] = _block_lse(blk)
-    return m, out
+
+    return _blocked_lse(x, widen)
 
 
 def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.ndarray:
@@ -75,27 +73,27 @@ def affine_logsumexp(f32: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndar
     return bias_logsumexp(f32 @ w_t, b)
 
 
-def _blocked_lse(x: np.ndarray, widen: Callable[[slice, np.ndarray], None]) -> np.ndarray:
-    """logsumexp per row of a float64 array that `widen(rows, buf)` writes block by block into a block-sized
+def _blocked_lse(x: np.ndarray, widen: Callable[[slice, np.ndarray], None]) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of a float64 array that `widen(rows, buf)` writes block by block into a block-sized
     buffer (LSE_ROWS rows), each block reduced in place while it is still in cache."""
-    out = np.empty(len(x))
+    m, out = np.empty(len(x)), np.empty(len(x))
     buf = np.empty((min(LSE_ROWS, len(x)), x.shape[1]))
     for start in range(0, len(x), LSE_ROWS):
         blk = buf[: min(LSE_ROWS, len(x) - start)]
         widen(slice(start, start + len(blk)), blk)
-        out[start : start + len(blk)] = _block_lse(blk)[1]
-    return out
+        m[start : start + len(blk)], out[start : start + len(blk)] = _block_lse(blk)
+    return m, out
 
 
 def bias_logsumexp(product: np.ndarray, b: np.ndarray) -> np.ndarray:
     """logsumexp(product + b) per row of one chunk: the product widened to float64 with the bias (one pass a block)."""
     b = np.asarray(b, dtype=np.float64)
-    return _blocked_lse(product, lambda sl, blk: np.add(product[sl], b, out=blk, dtype=np.float64))
+    return _blocked_lse(product, lambda sl, blk: np.add(product[sl], b, out=blk, dtype=np.float64))[1]
 
 
 def difference_logsumexp(a: np.ndarray, c: np.ndarray) -> np.ndarray:
     """logsumexp(a - c) per row of one chunk, both widened to float64 and subtracted in one pass a block."""
-    return _blocked_lse(a, lambda sl, blk: np.subtract(a[sl], c[sl], out=blk, dtype=np.float64))
+    return _blocked_lse(a, lambda sl, blk: np.subtract(a[sl], c[sl], out=blk, dtype=np.float64))[1]
 
 
 def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
@@ -131,7 +129,7 @@ def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) ->
         blk *= factor[sl]
         blk += b
 
-    return _blocked_lse(logits, widen)
+    return _blocked_lse(logits, widen)[1]
 
 
 def max_logsumexp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
