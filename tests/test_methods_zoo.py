@@ -187,12 +187,10 @@ def test_react_clips_at_the_fit_percentile_then_energy():
     assert M.get("react").state(data, p=100.0)["clip"] == data.fit.features.max()
 
 
-def test_react_sparse_correction_of_the_cached_logits_equals_clipping(monkeypatch):
-    """Where few activations exceed the clip, ReAct subtracts their excess times the head from the cached logits
-    (scipy's CSR product): the same energies as clipping the features and applying the head."""
+def count_sparse_products(monkeypatch) -> list:
+    """Route the head's scipy.sparse through a stand-in that records each CSR matrix made; returns the record."""
     from oodcore.detectors import head as F
 
-    data = feature_data(n_id=400, n_ood=300, d=64)
     real, used = F.sparse_module(), []
 
     class Counting:
@@ -202,6 +200,16 @@ def test_react_sparse_correction_of_the_cached_logits_equals_clipping(monkeypatc
             return real.csr_matrix(*a, **k)
 
     monkeypatch.setattr(F, "sparse_module", lambda: Counting)
+    return used
+
+
+def test_react_sparse_correction_of_the_cached_logits_equals_clipping(monkeypatch):
+    """Where few activations exceed the clip, ReAct subtracts their excess times the head from the cached logits
+    (scipy's CSR product): the same energies as clipping the features and applying the head."""
+    from oodcore.detectors import head as F
+
+    data = feature_data(n_id=400, n_ood=300, d=64)
+    used = count_sparse_products(monkeypatch)
     for p in (99.0, 99.9):
         c = np.percentile(data.fit.features, p)
         for split in (data.id, data.ood):
@@ -243,25 +251,16 @@ def test_dice_sparse_head_product_equals_the_dense_one(monkeypatch):
     w = M.get("dice").state(data, p=90.0)["w"]
     assert np.count_nonzero(w) <= F.SPARSE_SHARE * w.size
     expected = energy(data.id.features @ w.T.astype(np.float64) + data.head_bias)
-    real, used = F.sparse_module(), []
-
-    class Counting:
-        @staticmethod
-        def csr_matrix(*a, **k):
-            used.append(1)
-            return real.csr_matrix(*a, **k)
-
-    monkeypatch.setattr(F, "sparse_module", lambda: Counting)
+    used = count_sparse_products(monkeypatch)
     sparse = M.get("dice").score(data, data.id, p=90.0)
     assert used
-    monkeypatch.setattr(F, "sparse_module", lambda: None)
-    dense = M.get("dice").score(data, data.id, p=90.0)
-    assert sparse == pytest.approx(dense, rel=1e-6, abs=1e-6)
-    assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
-    monkeypatch.setattr(F, "sparse_module", lambda: Counting)
     used.clear()
     M.get("dice").score(data, data.id, p=50.0)  # half the weights kept: the dense product
     assert not used
+    monkeypatch.setattr(F, "sparse_module", lambda: None)  # the light core: no scipy
+    dense = M.get("dice").score(data, data.id, p=90.0)
+    assert sparse == pytest.approx(dense, rel=1e-6, abs=1e-6)
+    assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 def test_gradnorm_closed_form_equals_autograd():
