@@ -63,12 +63,18 @@ def add_perturbed_arch(root: Path, new_arch: str = "digits_cnn_b", seed: int = 1
 
     import numpy as np
 
+    from oodcore.detectors.persist import FITTED_DIR
+    from oodcore.evaluation.stored import REPORT_FILE
     from oodcore.store import cache
     from oodcore.store.arrays import read_arrays
 
     src = cache.arch_dir(root, benchmark, "digits_cnn")
     dst = cache.arch_dir(root, benchmark, new_arch)
     shutil.copytree(src, dst, dirs_exist_ok=True)
+    # what was computed from the source's arrays (fitted states, per-split tables, the report) is not the new
+    # run's: its artifacts are rewritten below under the same names, so the keys would not tell them apart
+    shutil.rmtree(dst / FITTED_DIR, ignore_errors=True)
+    (dst / REPORT_FILE).unlink(missing_ok=True)
     run = cache.read_run(root, benchmark, "digits_cnn")
     rng = np.random.default_rng(seed)
     for split in ("id", "ood", "fit"):

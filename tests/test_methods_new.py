@@ -104,6 +104,24 @@ def test_ash_sparse_product_equals_the_dense_one(variant, monkeypatch):
     assert sparse == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
+def test_ash_sparse_product_reads_each_rows_kept_count_off_the_mask():
+    """The CSR rows are laid out from the mask itself (here 0 to 5 kept per row), not from an assumed k per row."""
+    from oodcore.detectors import shaping
+
+    data = feature_data(d=16, n_id=6, n_ood=5)
+    state = M.get("ash_p").state(data)
+    w, b = head_of(data)
+    f = np.asarray(data.id.features, dtype=np.float32)
+    keep = np.zeros(f.shape, dtype=bool)
+    for i in range(len(f)):
+        keep[i, :i] = True
+    factor = np.linspace(0.5, 2.0, len(f)).astype(np.float32)
+    for values, rows in ((f, None), (f, factor), (None, factor)):
+        x = (keep * (values if values is not None else 1.0)) * (rows[:, None] if rows is not None else 1.0)
+        got = shaping._sparse_energy(values, keep, rows, state)
+        assert got == pytest.approx(energy(x.astype(np.float64) @ w.T + b), rel=1e-5, abs=1e-5)
+
+
 def test_ash_p_prunes_a_non_finite_activation_to_zero():
     """ASH-P zeroes pruned activations by a product with the mask; a pruned -inf must still become 0 (not NaN)."""
     data = feature_data(d=8, n_id=30, n_ood=20)

@@ -122,18 +122,22 @@ def _pruning(rows: SplitArrays, p: float) -> tuple[np.ndarray, int]:
     return feats, kept_count(feats.shape[1], p)
 
 
-def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, k: int, state: dict):
-    """-logsumexp(x W^T + b) of pruned rows x (exactly k kept per row) by a CSR product over the kept entries only:
-    k of D multiply-adds per output instead of D (the dense product's float32 sums, in another order)."""
-    flat = np.flatnonzero(keep)  # row-major: each row's k columns in order
+def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, state: dict):
+    """-logsumexp(x W^T + b) of pruned rows x by a CSR product over the kept entries only: k of D multiply-adds
+    per output instead of D (the dense product's float32 sums, in another order).  The rows' kept counts are
+    read off the mask (k each from `topk_mask`), so the product stays right whatever the mask holds."""
+    flat = np.flatnonzero(keep)  # row-major: each row's columns in order
+    counts = np.add.reduce(keep.view(np.uint8), axis=1, dtype=np.int64)
     if f is None:
-        vals = np.repeat(row_values, k)
+        vals = np.repeat(row_values, counts)
     else:
         vals = f.ravel()[flat]
         if row_values is not None:
-            vals *= np.repeat(row_values, k)
+            vals *= np.repeat(row_values, counts)
+    indptr = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
     x = sparse_module().csr_matrix(
-        (vals.astype(np.float32, copy=False), flat % keep.shape[1], np.arange(0, k * len(keep) + 1, k)),
+        (vals.astype(np.float32, copy=False), flat % keep.shape[1], indptr),
         shape=keep.shape,
     )
     return -bias_logsumexp(np.asarray(x @ contiguous_w_t(state["head"])), state["head"]["b"])
@@ -153,13 +157,13 @@ def _ash(state: dict, rows: SplitArrays, p: float, variant: str) -> np.ndarray:
         if variant == "b":  # binarise: every kept activation becomes s1 / k
             factor = (s1[sl] / k).astype(np.float32)
             if sparse:
-                out[sl] = _sparse_energy(None, keep, factor, k, state)
+                out[sl] = _sparse_energy(None, keep, factor, state)
                 return
             shaped = keep * factor[:, None]
         else:
             factor = np.exp(s1[sl] / s2[sl]).astype(np.float32) if variant == "s" else None
             if sparse:
-                out[sl] = _sparse_energy(f, keep, factor, k, state)
+                out[sl] = _sparse_energy(f, keep, factor, state)
                 return
             # f x keep: branch-free (np.where on a random mask is ~12x slower), exact for finite f (f or ±0, which
             # add nothing to the product); a chunk with a non-finite activation takes np.where (NaN x 0 is NaN)
