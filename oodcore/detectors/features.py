@@ -20,9 +20,9 @@ from oodcore.detectors.numerics import (
     chunked_percentile,
     linear_slider_values,
     logsumexp,
-    logsumexp_inplace,
     map_row_chunks,
     row_chunks,
+    row_logsumexp,
 )
 from oodcore.detectors.registry import Param, register
 from oodcore.store.rundata import SplitArrays
@@ -215,7 +215,7 @@ def gradnorm(state, rows):
 
     def chunk(sl: slice) -> None:
         z = np.array(logits[sl], dtype=np.float64)
-        p = np.exp(z - logsumexp_inplace(z.copy())[:, None])  # = exp(log_softmax), in this thread
+        p = np.exp(z - row_logsumexp(z)[:, None])  # = exp(log_softmax), in this thread
         out[sl] = -np.abs(p - 1.0 / k).sum(axis=1) * np.abs(np.asarray(feats[sl], dtype=np.float64)).sum(axis=1)
 
     map_row_chunks(len(logits), 3 * k + feats.shape[1], chunk)

@@ -53,13 +53,7 @@ def logsumexp(x: np.ndarray, axis: int = 1, scale: float | None = None) -> np.nd
     """
     x = np.asarray(x)
     if x.ndim == 2 and axis in (1, -1):
-        out = np.empty(len(x))
-
-        def rows(sl: slice) -> None:
-            out[sl] = _lse_rows(x[sl], scale)[1]
-
-        map_row_chunks(len(x), x.shape[1], rows)
-        return out
+        return max_logsumexp(x, scale)[1]
     z = np.asarray(x, dtype=np.float64)
     if scale is not None:
         z = z / scale
@@ -96,18 +90,9 @@ def difference_logsumexp(a: np.ndarray, c: np.ndarray) -> np.ndarray:
     return _blocked_lse(a, lambda sl, blk: np.subtract(a[sl], c[sl], out=blk, dtype=np.float64))[1]
 
 
-def logsumexp_inplace(z: np.ndarray) -> np.ndarray:
-    """logsumexp per row of one float64 chunk, in one thread, using z itself as the workspace (z is overwritten)."""
-    return _max_lse_inplace(z)[1]
-
-
-def _max_lse_inplace(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(max, logsumexp) per row of one float64 chunk, z overwritten as the workspace, LSE_ROWS rows at a time."""
-    m, out = np.empty(len(z)), np.empty(len(z))
-    for start in range(0, len(z), LSE_ROWS):
-        sl = slice(start, start + LSE_ROWS)
-        m[sl], out[sl] = _block_lse(z[sl])
-    return m, out
+def row_logsumexp(x: np.ndarray) -> np.ndarray:
+    """logsumexp per row of one chunk in float64, in the calling thread (for code already running in row chunks)."""
+    return _lse_rows(x)[1]
 
 
 def _block_lse(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,14 +117,14 @@ def rescaled_logsumexp(logits: np.ndarray, factor: np.ndarray, b: np.ndarray) ->
     return _blocked_lse(logits, widen)[1]
 
 
-def max_logsumexp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(max, logsumexp) per row in float64 (row chunks on all cores): -logsumexp is the energy at T = 1 and
-    exp(max - logsumexp) the maximum softmax probability, the very values `logsumexp` and `max_softmax` give."""
+def max_logsumexp(logits: np.ndarray, scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(max, logsumexp) per row of logits (/ scale) in float64, row chunks on all cores: -logsumexp is the energy
+    at T = 1 and exp(max - logsumexp) the maximum softmax probability (`logsumexp`, `max_softmax`)."""
     x = np.asarray(logits)
     m, lse = np.empty(len(x)), np.empty(len(x))
 
     def rows(sl: slice) -> None:
-        m[sl], lse[sl] = _lse_rows(x[sl])
+        m[sl], lse[sl] = _lse_rows(x[sl], scale)
 
     map_row_chunks(len(x), x.shape[1], rows)
     return m, lse
@@ -147,15 +132,8 @@ def max_logsumexp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def max_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """max_k softmax(logits / T)_k, computed as exp(max - logsumexp) for stability (row chunks, float64)."""
-    x = np.asarray(logits)
-    out = np.empty(len(x))
-
-    def rows(sl: slice) -> None:
-        m, lse = _lse_rows(x[sl], temperature)
-        out[sl] = np.exp(m - lse)
-
-    map_row_chunks(len(x), x.shape[1], rows)
-    return out
+    m, lse = max_logsumexp(logits, temperature)
+    return np.exp(m - lse)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
