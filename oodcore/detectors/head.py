@@ -56,6 +56,17 @@ def sparse_module():
     return scipy.sparse
 
 
+def masked_csr(mask: np.ndarray, values) -> object:
+    """scipy CSR (float32) of the True entries of a C-ordered (rows, D) boolean mask, row by row; `values(flat,
+    counts)` gives them from their row-major flat indices and each row's count of entries."""
+    flat = np.flatnonzero(mask)
+    counts = np.add.reduce(mask.view(np.uint8), axis=1, dtype=np.int64)
+    indptr = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    data = np.asarray(values(flat, counts), dtype=np.float32)
+    return sparse_module().csr_matrix((data, flat % mask.shape[1], indptr), shape=mask.shape)
+
+
 def head_logits(head: dict, rows: SplitArrays) -> np.ndarray | None:
     """The split's cached logits when they are the head's output on its cached features, else None.
 
@@ -104,7 +115,7 @@ def head_energy(
     w_t = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
     b = np.asarray(bias, dtype=np.float64)
     out = np.empty(len(features))
-    sparse = sparse_module() if clip is not None and logits is not None and head is not None else None
+    sparse = clip is not None and logits is not None and head is not None and sparse_module() is not None
     sparse_w = None
     if clip is None and sparse_module() is not None and np.count_nonzero(w_t) <= SPARSE_SHARE * w_t.size:
         sparse_w = sparse_module().csr_matrix(w_t.T)  # (K, D): the nonzero weights, row by row
@@ -117,14 +128,10 @@ def head_energy(
             return
         if clip is not None:
             c = np.float32(clip)
-            if sparse is not None:
+            if sparse:
                 above = f > c
                 if np.count_nonzero(above) <= SPARSE_SHARE * f.size:  # few: list them (a dense chunk never is)
-                    over = np.flatnonzero(above)
-                    d = f.shape[1]
-                    indptr = np.zeros(len(f) + 1, dtype=np.int64)
-                    np.cumsum(np.bincount(over // d, minlength=len(f)), out=indptr[1:])
-                    excess = sparse.csr_matrix((f.ravel()[over] - c, over % d, indptr), shape=f.shape)
+                    excess = masked_csr(above, lambda flat, counts: f.ravel()[flat] - c)
                     # widened and corrected into a buffer: the cached logits stay as they are
                     out[sl] = -difference_logsumexp(logits[sl], excess @ contiguous_w_t(head))
                     return

@@ -21,7 +21,14 @@ import numpy as np
 
 from oodcore.detectors.features import split_features
 from oodcore.detectors.fitting import FitContext
-from oodcore.detectors.head import SPARSE_SHARE, contiguous_w_t, head_logits, head_state, sparse_module
+from oodcore.detectors.head import (
+    SPARSE_SHARE,
+    contiguous_w_t,
+    head_logits,
+    head_state,
+    masked_csr,
+    sparse_module,
+)
 from oodcore.detectors.numerics import (
     PRODUCT_ROWS,
     affine_logsumexp,
@@ -126,20 +133,16 @@ def _sparse_energy(f: np.ndarray, keep: np.ndarray, row_values, state: dict):
     """-logsumexp(x W^T + b) of pruned rows x by a CSR product over the kept entries only: k of D multiply-adds
     per output instead of D (the dense product's float32 sums, in another order).  The rows' kept counts are
     read off the mask (k each from `topk_mask`), so the product stays right whatever the mask holds."""
-    flat = np.flatnonzero(keep)  # row-major: each row's columns in order
-    counts = np.add.reduce(keep.view(np.uint8), axis=1, dtype=np.int64)
-    if f is None:
-        vals = np.repeat(row_values, counts)
-    else:
+
+    def values(flat: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        if f is None:
+            return np.repeat(row_values, counts)
         vals = f.ravel()[flat]
         if row_values is not None:
             vals *= np.repeat(row_values, counts)
-    indptr = np.zeros(len(keep) + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    x = sparse_module().csr_matrix(
-        (vals.astype(np.float32, copy=False), flat % keep.shape[1], indptr),
-        shape=keep.shape,
-    )
+        return vals
+
+    x = masked_csr(keep, values)
     return -bias_logsumexp(np.asarray(x @ contiguous_w_t(state["head"])), state["head"]["b"])
 
 
