@@ -72,16 +72,23 @@ class _Layout:
         ood_group = group_of[ood_pos]
         self.id_groups = ps.id_groups  # = unique(id_group): the ID-side columns of the core
         self.ood_groups = ps.ood_groups
-        # samples -> tie groups: reduceat starts, or None when no two samples of the class share a score
-        self.id_starts = None if self.id_groups.size == id_pos.size else np.flatnonzero(np.diff(id_group, prepend=-1))
-        self.ood_starts = (
-            None if self.ood_groups.size == ood_pos.size else np.flatnonzero(np.diff(ood_group, prepend=-1))
-        )
+        # samples -> tie groups: group g holds the class's sorted samples bounds[g]:bounds[g + 1], or None when no
+        # two samples of the class share a score
+        self.id_bounds = _group_bounds(id_group, self.id_groups.size)
+        self.ood_bounds = _group_bounds(ood_group, self.ood_groups.size)
         # per ID group: the first OOD group at or after it; OOD weight at or below it is OLE[q]
         self.q = np.searchsorted(self.ood_groups, self.id_groups, side="left")
         # the ID weight before / through OOD group k is the exclusive ID cumulative sum at these ID-group rows
         self.before_rows = np.searchsorted(self.id_groups, self.ood_groups, side="left")
         self.through_rows = np.searchsorted(self.id_groups, self.ood_groups, side="right")
+
+
+def _group_bounds(group: np.ndarray, n_groups: int) -> np.ndarray | None:
+    """Where each tie group's samples start in a class's sorted samples, and their count at the end (n_groups + 1
+    entries); None when every sample is its own group."""
+    if n_groups == group.size:
+        return None
+    return np.append(np.flatnonzero(np.diff(group, prepend=-1)), group.size)
 
 
 def _cumsum_rows(x: np.ndarray, m: int = 32) -> np.ndarray:
@@ -110,9 +117,9 @@ def _cumsum_rows(x: np.ndarray, m: int = 32) -> np.ndarray:
 def _ood_cumulative(layout: _Layout, c_ood_t: np.ndarray) -> np.ndarray:
     """(K, b) OOD weight through each OOD tie group, from the (n_ood, b) counts."""
     w = _cumsum_rows(c_ood_t[layout.ood_order].astype(np.float64))
-    if layout.ood_starts is None:
+    if layout.ood_bounds is None:
         return w
-    return w[np.append(layout.ood_starts[1:], w.shape[0]) - 1]  # read at each group's last sample (see `_id_pass`)
+    return w[layout.ood_bounds[1:] - 1]  # read at each group's last sample (see `_id_pass`)
 
 
 def _id_pass(layout: _Layout, c_id_t: np.ndarray, ole: np.ndarray, t_id: np.ndarray) -> tuple:
@@ -131,19 +138,18 @@ def _id_pass(layout: _Layout, c_id_t: np.ndarray, ole: np.ndarray, t_id: np.ndar
     n_sat = np.zeros(b, dtype=np.int64)
     ci_before = np.empty((k, b))
     ci = np.empty((k, b))
-    starts = layout.id_starts
+    bounds = layout.id_bounds
     for g0 in range(0, n_groups, _ROWS):
         g1 = min(g0 + _ROWS, n_groups)
-        if starts is None:
+        if bounds is None:
             a = c_id_t[layout.id_order[g0:g1]].astype(_INT)
             id_le = _cumsum_rows(a.copy())
         else:
             # the cumulative sum over the chunk's samples, read at each group's last sample, is the cumulative sum
             # over its groups (np.add.reduceat down rows would cost a call per group); a group's weight is its step
-            s0 = starts[g0]
-            s1 = starts[g1] if g1 < n_groups else layout.id_order.size
-            id_le = _cumsum_rows(c_id_t[layout.id_order[s0:s1]].astype(_INT))[
-                np.append(starts[g0 + 1 : g1], s1) - s0 - 1
+            s0 = bounds[g0]
+            id_le = _cumsum_rows(c_id_t[layout.id_order[s0 : bounds[g1]]].astype(_INT))[
+                bounds[g0 + 1 : g1 + 1] - s0 - 1
             ]
             a = np.diff(id_le, axis=0, prepend=0)
         # ID weight at or below each group: the total less the weight in the groups before it (integers: exact)
